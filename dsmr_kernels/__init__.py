@@ -7,3 +7,6 @@ from .interface import segment_memory_attention
 from .reference import segment_memory_attention_ref
 
 __all__ = ["segment_memory_attention", "segment_memory_attention_ref"]
+from .module import AttentionState, DSMRAttention  # noqa: E402
+
+__all__ += ["DSMRAttention", "AttentionState"]

@@ -87,6 +87,9 @@ def torch_forward(
         invalid = j[None, :] < (M - per_lane.to(torch.long))[:, None]  # (B, L+S)
         mask = torch.zeros(B, 1, 1, L + S, dtype=q.dtype, device=q.device)
         mask.masked_fill_(invalid[:, None, None, :], float("-inf"))
+        # Stale or uninitialized slots may hold inf/NaN; 0 * NaN would leak through the softmax.
+        keys = keys.masked_fill(invalid[:, None, :, None], 0)
+        vals = vals.masked_fill(invalid[:, None, :, None], 0)
         mask = mask if base is None else mask + base  # (B, 1, G*S, L+S)
     else:
         mask = base

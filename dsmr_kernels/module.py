@@ -1,0 +1,198 @@
+"""``DSMRAttention``: drop-in multi-head self-attention with a recurrent, truncated KV memory."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from .interface import segment_memory_attention
+
+
+@dataclass
+class AttentionState:
+    """Recurrent state of one attention layer for B lanes (all tensors detached).
+
+    Attributes:
+        mem_k, mem_v: ``(B, Hkv, M, D)`` rotated keys / values, right-aligned (newest at ``M-1``),
+            or None before the first segment (M = 0).
+        mem_len: ``(B,)`` int64, valid memory slots per lane.
+        pos: ``(B,)`` int64, absolute position in the piece of each lane's next token.
+    """
+
+    mem_k: Optional[torch.Tensor]
+    mem_v: Optional[torch.Tensor]
+    mem_len: torch.Tensor
+    pos: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, device: Union[str, torch.device] = "cpu") -> "AttentionState":
+        """A fresh state: no memory, every lane at position 0."""
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(None, None, zeros, zeros.clone())
+
+    @property
+    def batch(self) -> int:
+        return self.mem_len.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Memory slots M currently allocated (valid or not)."""
+        return 0 if self.mem_k is None else self.mem_k.shape[2]
+
+    def reset(self, lanes: Union[Sequence[int], torch.Tensor, None] = None) -> "AttentionState":
+        """Start a new piece in ``lanes`` (all lanes when None): memory emptied, position 0.
+
+        Returns a new state; the old one is left intact (autograd may still hold its tensors).
+        """
+        mem_len, pos = self.mem_len.clone(), self.pos.clone()
+        if lanes is None:
+            mem_len.zero_()
+            pos.zero_()
+        else:
+            idx = torch.as_tensor(lanes, dtype=torch.long, device=mem_len.device)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch):
+                raise ValueError(f"lanes must lie in [0, {self.batch}), got {idx.tolist()}")
+            mem_len[idx] = 0
+            pos[idx] = 0
+        return replace(self, mem_len=mem_len, pos=pos)
+
+    def to(self, device) -> "AttentionState":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return AttentionState(mv(self.mem_k), mv(self.mem_v), self.mem_len.to(device), self.pos.to(device))
+
+
+def rotary_cos_sin(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``(B, 1, S, head_dim // 2)`` in float64 for absolute positions ``pos`` (B, S).
+
+    Angles are computed in float64 from absolute piece positions, so a token gets the same
+    rotation whether it arrives in one long call or in many segments, and positions in the tens
+    of thousands keep full fp32 accuracy.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=pos.device) / head_dim)
+    angles = pos.to(torch.float64)[..., None] * inv_freq  # (B, S, D/2)
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, H, S, D) by half-split (GPT-NeoX) rotary embedding; returns x's dtype.
+
+    Low-precision inputs are rotated in fp32 (float64 stays float64).
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = cos.to(compute), sin.to(compute)
+    x1, x2 = x.to(compute).chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x.dtype)
+
+
+class DSMRAttention(nn.Module):
+    """Multi-head self-attention over a segment plus this layer's recurrent KV memory.
+
+    Args:
+        d_model: model width.
+        n_heads: query heads H; head dim is ``d_model // n_heads`` (must be even, for rotary).
+        n_kv_heads: key/value heads Hkv (GQA when < n_heads); default n_heads.
+        horizon: memory kept after each segment: None = whole history of the piece, an int =
+            that many most recent tokens, 0 = none.
+        window: optional sliding window passed to the op.
+        rope_base: rotary base.
+        bias: bias in the projections.
+        backend: op backend (``"auto"``, ``"torch"``, ``"triton"``, ``"reference"``).
+
+    ``forward(x, state=None) -> (y, new_state)`` with x, y ``(B, S, d_model)``. Keys are cached
+    after rotation at their absolute piece position, so memory is never re-projected or
+    re-rotated. The returned state is detached.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: Optional[int] = None,
+        horizon: Optional[int] = None,
+        *,
+        window: Optional[int] = None,
+        rope_base: float = 10000.0,
+        bias: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        if d_model <= 0 or n_heads <= 0 or d_model % n_heads:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_heads ({n_heads})")
+        if n_kv_heads <= 0 or n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        head_dim = d_model // n_heads
+        if head_dim % 2:
+            raise ValueError(f"head dim d_model // n_heads = {head_dim} must be even for rotary embedding")
+        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 0):
+            raise ValueError(f"horizon must be None (whole history) or an int >= 0, got {horizon!r}")
+        if window is not None and (not isinstance(window, int) or window < 1):
+            raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.horizon, self.window, self.rope_base, self.backend = horizon, window, rope_base, backend
+        self.qkv = nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(n_heads * head_dim, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+            f"horizon={self.horizon}, window={self.window}, backend={self.backend!r}"
+        )
+
+    def init_state(self, batch: int, device=None) -> AttentionState:
+        """Empty state for ``batch`` lanes on ``device`` (default: the module's device)."""
+        device = self.qkv.weight.device if device is None else device
+        return AttentionState.empty(batch, device)
+
+    def forward(self, x: torch.Tensor, state: Optional[AttentionState] = None):
+        """x ``(B, S, d_model)`` -> ``(y (B, S, d_model), new_state)``."""
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (B, S, d_model={self.d_model}), got {tuple(x.shape)}")
+        B, S, _ = x.shape
+        if state is None:
+            state = self.init_state(B, x.device)
+        if state.batch != B:
+            raise ValueError(f"state has {state.batch} lanes but x has batch {B}")
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+
+        qkv = self.qkv(x)  # (B, S, (H + 2 Hkv) D)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q = q.view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        k = k.view(B, S, Hkv, D).transpose(1, 2)  # (B, Hkv, S, D)
+        v = v.view(B, S, Hkv, D).transpose(1, 2)
+
+        pos = state.pos[:, None] + torch.arange(S, device=x.device)  # (B, S) absolute positions
+        cos, sin = rotary_cos_sin(pos, D, self.rope_base)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        mem_k, mem_v, mem_len = state.mem_k, state.mem_v, state.mem_len
+        if mem_k is not None and mem_k.shape[2] > 0:
+            if mem_k.dtype != q.dtype:  # e.g. memory written under autocast, read in fp32
+                mem_k, mem_v = mem_k.to(q.dtype), mem_v.to(q.dtype)
+        else:
+            mem_k = mem_v = mem_len = None
+        y = segment_memory_attention(
+            q, k, v, mem_k, mem_v, mem_len, window=self.window, backend=self.backend
+        )  # (B, H, S, D)
+        y = self.out(y.transpose(1, 2).reshape(B, S, H * D))
+        return y, self._next_state(state, mem_k, mem_v, k, v, S)
+
+    def _next_state(self, state, mem_k, mem_v, k, v, S) -> AttentionState:
+        """New memory = last ``horizon`` valid keys of ``[memory; segment]``, detached."""
+        M = 0 if mem_k is None else mem_k.shape[2]
+        cap = M + S if self.horizon is None else min(self.horizon, M + S)
+        new_len = torch.clamp(state.mem_len + S, max=cap)
+        if cap == 0:
+            new_k = new_v = None
+        elif cap <= S:
+            # Own contiguous storage: a slice would keep the whole segment's qkv activations alive.
+            new_k = k[:, :, S - cap:].detach().clone(memory_format=torch.contiguous_format)
+            new_v = v[:, :, S - cap:].detach().clone(memory_format=torch.contiguous_format)
+        else:
+            keep = cap - S  # slots taken from the old memory's newest end
+            new_k = torch.cat([mem_k[:, :, M - keep:], k.detach()], dim=2)
+            new_v = torch.cat([mem_v[:, :, M - keep:], v.detach()], dim=2)
+        return AttentionState(new_k, new_v, new_len, state.pos + S)

@@ -1,0 +1,122 @@
+"""DSMRAttention: streaming vs one-shot, finite horizons vs a brute-force mask, lane reset."""
+import pytest
+import torch
+
+from dsmr_kernels import DSMRAttention
+from dsmr_kernels.module import apply_rotary, rotary_cos_sin
+
+
+def _stream(attn, x, seg, state=None):
+    ys = []
+    for s0 in range(0, x.shape[1], seg):
+        y, state = attn(x[:, s0:s0 + seg], state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+def _bruteforce(attn, x, horizon, seg):
+    """Whole-sequence attention with the segment-granular memory rule written as one mask.
+
+    A query at position p in the segment starting at s0 sees keys j <= p with j >= s0 - horizon
+    (horizon None: every j <= p).
+    """
+    B, T, _ = x.shape
+    H, Hkv, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    qkv = attn.qkv(x.double() if x.dtype == torch.float64 else x)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)
+    q = q.view(B, T, H, D).transpose(1, 2)
+    k = k.view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    v = v.view(B, T, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    pos = torch.arange(T).expand(B, T)
+    cos, sin = rotary_cos_sin(pos, D, attn.rope_base)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    p = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    vis = j <= p
+    if horizon is not None:
+        s0 = (p // seg) * seg
+        vis &= j >= s0 - horizon
+    if attn.window is not None:
+        vis &= p - j < attn.window
+    scores = (q @ k.transpose(-1, -2)) * D ** -0.5
+    scores = scores.masked_fill(~vis, float("-inf"))
+    y = torch.softmax(scores, -1) @ v
+    return attn.out(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+@pytest.mark.parametrize("seg", [7, 16])
+def test_full_horizon_streaming_equals_one_shot(n_kv_heads, seg):
+    torch.manual_seed(1)
+    attn = DSMRAttention(32, 4, n_kv_heads, horizon=None, backend="torch").double()
+    x = torch.randn(2, 45, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y_one, _ = attn(x)
+        y_str, state = _stream(attn, x, seg)
+    assert torch.allclose(y_one, y_str, atol=1e-10, rtol=0)
+    assert state.capacity == 45 and state.mem_len.tolist() == [45, 45]
+    assert state.pos.tolist() == [45, 45]
+
+
+@pytest.mark.parametrize("horizon", [0, 3, 10, 40])
+@pytest.mark.parametrize("window", [None, 12])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_finite_horizon_matches_bruteforce_mask(horizon, window, backend):
+    torch.manual_seed(2)
+    attn = DSMRAttention(32, 4, 2, horizon=horizon, window=window, backend=backend).double()
+    x = torch.randn(2, 50, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y_str, state = _stream(attn, x, 8)
+        y_bf = _bruteforce(attn, x, horizon, 8)
+    assert torch.allclose(y_str, y_bf, atol=1e-10, rtol=0)
+    assert state.capacity == min(horizon, 50)
+
+
+def test_lane_reset_equals_fresh_state():
+    torch.manual_seed(3)
+    attn = DSMRAttention(32, 4, 1, horizon=12, backend="torch").double()
+    x = torch.randn(3, 24, 32, dtype=torch.float64)
+    with torch.no_grad():
+        _, state = _stream(attn, x, 8)
+        state = state.reset([1])
+        new_piece = torch.randn(3, 8, 32, dtype=torch.float64)
+        y, _ = attn(new_piece, state)
+        y_fresh, _ = attn(new_piece[1:2])
+        y_cont, _ = attn(new_piece, _stream(attn, x, 8)[1])
+    assert torch.allclose(y[1], y_fresh[0], atol=1e-12, rtol=0)
+    # Lanes that were not reset keep their memory.
+    assert torch.allclose(y[[0, 2]], y_cont[[0, 2]], atol=1e-12, rtol=0)
+
+
+def test_state_is_detached_and_gradients_flow_to_params():
+    attn = DSMRAttention(16, 2, horizon=None, backend="torch")
+    x = torch.randn(1, 10, 16)
+    y, state = attn(x[:, :5])
+    assert not state.mem_k.requires_grad and not state.mem_v.requires_grad
+    y2, _ = attn(x[:, 5:], state)
+    (y.sum() + y2.sum()).backward()
+    assert attn.qkv.weight.grad is not None and attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_memory_does_not_alias_segment_activations():
+    attn = DSMRAttention(16, 2, horizon=3, backend="torch")
+    _, state = attn(torch.randn(2, 10, 16))
+    assert state.mem_k.is_contiguous()
+    assert state.mem_k.untyped_storage().nbytes() == state.mem_k.numel() * state.mem_k.element_size()
+
+
+def test_module_bad_arguments():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        DSMRAttention(32, 4, 3)
+    with pytest.raises(ValueError, match="horizon"):
+        DSMRAttention(32, 4, horizon=-1)
+    with pytest.raises(ValueError, match="multiple of n_heads"):
+        DSMRAttention(30, 4)
+    attn = DSMRAttention(32, 4)
+    with pytest.raises(ValueError, match=r"x must be \(B, S, d_model=32\)"):
+        attn(torch.randn(2, 5, 16))
+    _, st = attn(torch.randn(2, 5, 32))
+    with pytest.raises(ValueError, match="state has 2 lanes"):
+        attn(torch.randn(3, 5, 32), st)
+    with pytest.raises(ValueError, match="lanes must lie"):
+        st.reset([5])
