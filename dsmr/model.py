@@ -1,0 +1,245 @@
+"""The DSMR model: a pre-norm decoder of ``DSMRAttention`` blocks with per-layer memory horizons.
+
+    config = DSMRConfig(vocab_size=512, n_layers=6, d_model=256, n_heads=4,
+                        horizons=schedules.two_scale(6, 4096, 512, 2))
+    model = DSMRModel(config)
+    state = model.init_state(batch=4)
+    for segment in segments:                      # (B, S) token ids, S <= segment_len
+        logits, state = model(segment, state)     # logits (B, S, vocab)
+    state = state.reset([2])                      # lane 2 starts a new piece
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsmr_kernels import AttentionState, DSMRAttention
+
+from . import schedules
+
+
+@dataclass
+class DSMRConfig:
+    """Model hyper-parameters (a plain dataclass with a JSON round-trip).
+
+    ``horizons`` has one entry per layer (None = whole history; an int = that many most recent
+    tokens; 0 = none); ``horizons=None`` means full memory everywhere. ``d_ff`` defaults to
+    ``4 * d_model``; ``n_kv_heads`` to ``n_heads``.
+    """
+
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None
+    d_ff: Optional[int] = None
+    segment_len: int = 512
+    horizons: Optional[List[Optional[int]]] = None
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    window: Optional[int] = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "segment_len"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be n_heads ({self.n_heads}) x an even head dim"
+            )
+        if self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.horizons is not None:
+            self.horizons = schedules.validate(self.horizons, self.n_layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def layer_horizons(self) -> List[Optional[int]]:
+        return list(self.horizons) if self.horizons is not None else schedules.full(self.n_layers)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DSMRConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DSMRConfig fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DSMRConfig":
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class ModelState:
+    """Recurrent state of every layer for B lanes: ``layers[i]`` is layer i's ``AttentionState``."""
+
+    layers: List[AttentionState] = field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].batch
+
+    @property
+    def pos(self) -> torch.Tensor:
+        """``(B,)`` absolute position of each lane's next token."""
+        return self.layers[0].pos
+
+    def reset(self, lanes: Union[Sequence[int], torch.Tensor, None] = None) -> "ModelState":
+        """New state where ``lanes`` (all when None) start a new piece; other lanes keep theirs."""
+        return ModelState([s.reset(lanes) for s in self.layers])
+
+    def to(self, device) -> "ModelState":
+        return ModelState([s.to(device) for s in self.layers])
+
+    def nbytes(self) -> int:
+        """Bytes held by the memory tensors (allocated slots, valid or not)."""
+        n = 0
+        for s in self.layers:
+            if s.mem_k is not None:
+                n += s.mem_k.numel() * s.mem_k.element_size() * 2
+        return n
+
+    def to_dict(self) -> dict:
+        """Flat dict of tensors (for checkpoints loaded with ``weights_only=True``)."""
+        d = {}
+        for i, s in enumerate(self.layers):
+            d[f"{i}.mem_len"], d[f"{i}.pos"] = s.mem_len, s.pos
+            if s.mem_k is not None:
+                d[f"{i}.mem_k"], d[f"{i}.mem_v"] = s.mem_k, s.mem_v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, n_layers: int) -> "ModelState":
+        return cls(
+            [
+                AttentionState(d.get(f"{i}.mem_k"), d.get(f"{i}.mem_v"), d[f"{i}.mem_len"], d[f"{i}.pos"])
+                for i in range(n_layers)
+            ]
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: DSMRConfig, horizon: Optional[int]):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model)
+        self.attn = DSMRAttention(
+            cfg.d_model, cfg.n_heads, cfg.n_kv_heads, horizon,
+            window=cfg.window, rope_base=cfg.rope_base, backend=cfg.backend,
+        )
+        self.norm2 = RMSNorm(cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, state: AttentionState):
+        a, state = self.attn(self.norm1(x), state)
+        x = x + self.drop(a)
+        x = x + self.drop(self.proj(F.gelu(self.fc(self.norm2(x)))))
+        return x, state
+
+
+class DSMRModel(nn.Module):
+    """Decoder-only LM over token ids with a recurrent, per-layer-truncated KV memory.
+
+    ``forward(tokens (B, S), state=None) -> (logits (B, S, vocab), new_state)``; S must be at
+    most ``config.segment_len``. The new state is detached.
+    """
+
+    def __init__(self, config: DSMRConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, h) for h in config.layer_horizons)
+        self.norm = RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.apply(self._init_weights)
+        # GPT-2 style: scale residual projections by depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.out.weight") or name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, batch: int, device=None) -> ModelState:
+        """Empty state for ``batch`` lanes (every lane at the start of a piece)."""
+        device = self.embed.weight.device if device is None else device
+        return ModelState([blk.attn.init_state(batch, device) for blk in self.blocks])
+
+    def forward(self, tokens: torch.Tensor, state: Optional[ModelState] = None):
+        """tokens ``(B, S)`` int64 -> ``(logits (B, S, vocab_size), new_state)``."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, S), got shape {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point:
+            raise ValueError(f"tokens must be integer ids, got {tokens.dtype}")
+        B, S = tokens.shape
+        if S == 0:
+            raise ValueError("tokens has no positions (S = 0)")
+        if S > self.config.segment_len:
+            raise ValueError(
+                f"segment of {S} tokens exceeds segment_len={self.config.segment_len}; split it"
+            )
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got min {lo}, max {hi}")
+        if state is None:
+            state = self.init_state(B, tokens.device)
+        if state.batch != B:
+            raise ValueError(f"state has {state.batch} lanes but tokens has batch {B}")
+        x = self.drop(self.embed(tokens))  # (B, S, d_model)
+        new_layers = []
+        for blk, st in zip(self.blocks, state.layers):
+            x, st = blk(x, st)
+            new_layers.append(st)
+        logits = self.lm_head(self.norm(x))  # (B, S, vocab)
+        return logits, ModelState(new_layers)

@@ -1,0 +1,161 @@
+"""DSMRModel streaming parity, config round trip and input errors; schedules."""
+import pytest
+import torch
+
+from dsmr import DSMRConfig, DSMRModel, schedules
+
+
+def _stream(model, tokens, seg, state=None):
+    outs = []
+    for s0 in range(0, tokens.shape[1], seg):
+        lg, state = model(tokens[:, s0:s0 + seg], state)
+        outs.append(lg)
+    return torch.cat(outs, 1), state
+
+
+def test_full_schedule_streaming_equals_one_shot():
+    cfg = DSMRConfig(vocab_size=50, n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, segment_len=64,
+                     horizons=schedules.full(3))
+    model = DSMRModel(cfg).double().eval()
+    tok = torch.randint(0, 50, (2, 60))
+    with torch.no_grad():
+        one, _ = model(tok)
+        streamed, state = _stream(model, tok, 13)
+    assert torch.allclose(one, streamed, atol=1e-10, rtol=0)
+    assert state.pos.tolist() == [60, 60]
+
+
+def _masked_forward(model, tokens, seg):
+    """Brute force: whole sequence at once, each layer with its own segment-granular mask."""
+    import dsmr_kernels.module as mod
+
+    horizons = model.config.layer_horizons
+    T = tokens.shape[1]
+    p = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    s0 = (p // seg) * seg
+
+    def fake_op(q, k, v, mem_k=None, mem_v=None, mem_len=None, *, window=None, backend="auto", **kw):
+        h = horizons[fake_op.layer]
+        fake_op.layer += 1
+        vis = (j <= p) if h is None else (j <= p) & (j >= s0 - h)
+        G = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+        sc = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(sc.masked_fill(~vis, float("-inf")), -1) @ v
+
+    fake_op.layer = 0
+    orig = mod.segment_memory_attention
+    mod.segment_memory_attention = fake_op
+    try:
+        logits, _ = model(tokens)
+    finally:
+        mod.segment_memory_attention = orig
+    return logits
+
+
+@pytest.mark.parametrize("horizons", [[8, 3, 0], [0, 0, 20], [5, 5, 5], [None, 2, 11]])
+def test_finite_schedule_matches_bruteforce_mask(horizons):
+    cfg = DSMRConfig(vocab_size=40, n_layers=3, d_model=32, n_heads=4, n_kv_heads=1, segment_len=64,
+                     horizons=horizons)
+    model = DSMRModel(cfg).double().eval()
+    tok = torch.randint(0, 40, (2, 45))
+    with torch.no_grad():
+        streamed, _ = _stream(model, tok, 9)
+        brute = _masked_forward(model, tok, 9)
+    assert torch.allclose(streamed, brute, atol=1e-10, rtol=0)
+
+
+def test_state_reset_lane_matches_fresh():
+    cfg = DSMRConfig(vocab_size=30, n_layers=2, d_model=16, n_heads=2, segment_len=16, horizons=[10, 4])
+    model = DSMRModel(cfg).double().eval()
+    tok = torch.randint(0, 30, (3, 32))
+    with torch.no_grad():
+        _, st = _stream(model, tok, 16)
+        st = st.reset([0, 2])
+        nxt = torch.randint(0, 30, (3, 16))
+        lg, _ = model(nxt, st)
+        fresh, _ = model(nxt[[0, 2]])
+    assert torch.allclose(lg[[0, 2]], fresh, atol=1e-12, rtol=0)
+
+
+def test_config_json_round_trip():
+    cfg = DSMRConfig(vocab_size=100, n_layers=4, d_model=64, n_heads=4, n_kv_heads=2,
+                     horizons=schedules.two_scale(4, 256, 32, 1), dropout=0.1)
+    again = DSMRConfig.from_json(cfg.to_json())
+    assert again == cfg and again.d_ff == 256 and again.horizons == [256, 32, 32, 32]
+
+
+def test_tied_embeddings():
+    m = DSMRModel(DSMRConfig(vocab_size=10, n_layers=1, d_model=8, n_heads=2))
+    assert m.lm_head.weight is m.embed.weight
+    m2 = DSMRModel(DSMRConfig(vocab_size=10, n_layers=1, d_model=8, n_heads=2, tie_embeddings=False))
+    assert m2.lm_head.weight is not m2.embed.weight
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(segment_len=0), "segment_len must be a positive int"),
+        (dict(horizons=[4, 4]), "schedule has 2 horizons but the model has 3 layers"),
+        (dict(horizons=[4, -1, 4]), "horizon of layer 1"),
+        (dict(n_kv_heads=3), "n_kv_heads"),
+        (dict(vocab_size=0), "vocab_size"),
+    ],
+)
+def test_bad_config(kw, match):
+    base = dict(vocab_size=10, n_layers=3, d_model=16, n_heads=2)
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        DSMRConfig(**base)
+
+
+def test_bad_tokens():
+    m = DSMRModel(DSMRConfig(vocab_size=10, n_layers=1, d_model=8, n_heads=2, segment_len=4))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
+        m(torch.tensor([[1, 10]]))
+    with pytest.raises(ValueError, match="exceeds segment_len=4"):
+        m(torch.zeros(1, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="no positions"):
+        m(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tokens must be \(B, S\)"):
+        m(torch.zeros(5, dtype=torch.long))
+
+
+def test_schedules_values():
+    assert schedules.two_scale(6, 64, 8, 2) == [64, 64, 8, 8, 8, 8]
+    assert schedules.reverse_two_scale(6, 64, 8, 2) == [8, 8, 8, 8, 64, 64]
+    assert schedules.full(3) == [None, None, None]
+    assert schedules.uniform(3, 7) == [7, 7, 7]
+    assert schedules.selective(4, 16, [0, 2]) == [16, 0, 16, 0]
+    assert schedules.perceiver_ar_like(3, 99) == [99, 0, 0]
+    up = schedules.progressive(4, 8, 64)
+    assert up[0] == 8 and up[-1] == 64 and up == sorted(up)
+    assert schedules.progressive(4, 8, 64, ascending=False) == up[::-1]
+
+
+def test_schedule_parse():
+    assert schedules.parse("two_scale:long=4096,short=512,n_long=2", 6) == [4096] * 2 + [512] * 4
+    assert schedules.parse("full", 2) == [None, None]
+    assert schedules.parse("selective:m=10,layers=0+3", 4) == [10, 0, 0, 10]
+    assert schedules.parse("progressive:low=4,high=64,ascending=false", 3)[0] == 64
+    assert schedules.parse("64,none,0", 3) == [64, None, 0]
+    with pytest.raises(ValueError, match="unknown schedule family"):
+        schedules.parse("nope:x=1", 3)
+    with pytest.raises(ValueError, match="takes"):
+        schedules.parse("uniform:q=1", 3)
+    with pytest.raises(ValueError, match="3 horizons but the model has 2"):
+        schedules.parse("1,2,3", 2)
+
+
+def test_budget_and_equal_budget_helper():
+    b = schedules.budget([64, 64, 8], n_kv_heads=2, head_dim=16, batch=3, bytes_per_elem=4)
+    assert b["slots"] == 136 and b["bytes"] == 2 * 136 * 2 * 16 * 3 * 4
+    assert schedules.budget([None, 8], piece_len=100)["slots"] == 108
+    assert schedules.budget([None])["slots"] == float("inf")
+    for fam, kw in [("uniform", {}), ("two_scale", dict(short=32, n_long=2)),
+                    ("progressive", dict(low=16)), ("selective", dict(layers=[0, 1])),
+                    ("perceiver_ar_like", {}), ("reverse_two_scale", dict(short=32, n_long=1))]:
+        hs = schedules.at_budget(fam, 6, 3000, **kw)
+        total = sum(hs)
+        assert len(hs) == 6 and 3000 - 6 <= total <= 3000, (fam, hs)
