@@ -113,6 +113,10 @@ class ModelState:
         """New state where ``lanes`` (all when None) start a new piece; other lanes keep theirs."""
         return ModelState([s.reset(lanes) for s in self.layers])
 
+    def truncate(self, horizons: Sequence[Optional[int]]) -> "ModelState":
+        """Cut each layer's memory to its horizon (see ``DSMRAttention.forward(truncate=False)``)."""
+        return ModelState([s.truncate(h) for s, h in zip(self.layers, horizons)])
+
     def to(self, device) -> "ModelState":
         return ModelState([s.to(device) for s in self.layers])
 
@@ -169,8 +173,8 @@ class Block(nn.Module):
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, state: AttentionState):
-        a, state = self.attn(self.norm1(x), state)
+    def forward(self, x, state: AttentionState, truncate: bool = True):
+        a, state = self.attn(self.norm1(x), state, truncate=truncate)
         x = x + self.drop(a)
         x = x + self.drop(self.proj(F.gelu(self.fc(self.norm2(x)))))
         return x, state
@@ -216,8 +220,12 @@ class DSMRModel(nn.Module):
         device = self.embed.weight.device if device is None else device
         return ModelState([blk.attn.init_state(batch, device) for blk in self.blocks])
 
-    def forward(self, tokens: torch.Tensor, state: Optional[ModelState] = None):
-        """tokens ``(B, S)`` int64 -> ``(logits (B, S, vocab_size), new_state)``."""
+    def forward(self, tokens: torch.Tensor, state: Optional[ModelState] = None, *, truncate: bool = True):
+        """tokens ``(B, S)`` int64 -> ``(logits (B, S, vocab_size), new_state)``.
+
+        ``truncate=False`` keeps every layer's memory untruncated (for incremental decoding
+        within a segment; call ``state.truncate(model.config.layer_horizons)`` at its end).
+        """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, S), got shape {tuple(tokens.shape)}")
         if tokens.dtype.is_floating_point:
@@ -239,7 +247,7 @@ class DSMRModel(nn.Module):
         x = self.drop(self.embed(tokens))  # (B, S, d_model)
         new_layers = []
         for blk, st in zip(self.blocks, state.layers):
-            x, st = blk(x, st)
+            x, st = blk(x, st, truncate)
             new_layers.append(st)
         logits = self.lm_head(self.norm(x))  # (B, S, vocab)
         return logits, ModelState(new_layers)

@@ -58,6 +58,20 @@ class AttentionState:
             pos[idx] = 0
         return replace(self, mem_len=mem_len, pos=pos)
 
+    def truncate(self, horizon: Optional[int]) -> "AttentionState":
+        """Keep only the newest ``horizon`` slots (None: keep all). Returns a new state."""
+        if horizon is None or self.mem_k is None or self.capacity <= horizon:
+            return self
+        if horizon == 0:
+            return AttentionState(None, None, torch.zeros_like(self.mem_len), self.pos)
+        M = self.capacity
+        return AttentionState(
+            self.mem_k[:, :, M - horizon:].clone(),
+            self.mem_v[:, :, M - horizon:].clone(),
+            torch.clamp(self.mem_len, max=horizon),
+            self.pos,
+        )
+
     def to(self, device) -> "AttentionState":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return AttentionState(mv(self.mem_k), mv(self.mem_v), self.mem_len.to(device), self.pos.to(device))
@@ -147,8 +161,14 @@ class DSMRAttention(nn.Module):
         device = self.qkv.weight.device if device is None else device
         return AttentionState.empty(batch, device)
 
-    def forward(self, x: torch.Tensor, state: Optional[AttentionState] = None):
-        """x ``(B, S, d_model)`` -> ``(y (B, S, d_model), new_state)``."""
+    def forward(self, x: torch.Tensor, state: Optional[AttentionState] = None, *, truncate: bool = True):
+        """x ``(B, S, d_model)`` -> ``(y (B, S, d_model), new_state)``.
+
+        With ``truncate=False`` the new memory keeps all of ``[memory; segment]`` instead of the
+        last ``horizon`` tokens; incremental decoding uses it inside a segment (the keys of the
+        segment so far act as memory) and calls :meth:`AttentionState.truncate` at the segment's
+        end, which reproduces the segment-granular rule of a segment-wise forward exactly.
+        """
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (B, S, d_model={self.d_model}), got {tuple(x.shape)}")
         B, S, _ = x.shape
@@ -178,12 +198,12 @@ class DSMRAttention(nn.Module):
             q, k, v, mem_k, mem_v, mem_len, window=self.window, backend=self.backend
         )  # (B, H, S, D)
         y = self.out(y.transpose(1, 2).reshape(B, S, H * D))
-        return y, self._next_state(state, mem_k, mem_v, k, v, S)
+        return y, self._next_state(state, mem_k, mem_v, k, v, S, self.horizon if truncate else None)
 
-    def _next_state(self, state, mem_k, mem_v, k, v, S) -> AttentionState:
+    def _next_state(self, state, mem_k, mem_v, k, v, S, horizon) -> AttentionState:
         """New memory = last ``horizon`` valid keys of ``[memory; segment]``, detached."""
         M = 0 if mem_k is None else mem_k.shape[2]
-        cap = M + S if self.horizon is None else min(self.horizon, M + S)
+        cap = M + S if horizon is None else min(horizon, M + S)
         new_len = torch.clamp(state.mem_len + S, max=cap)
         if cap == 0:
             new_k = new_v = None

@@ -159,3 +159,20 @@ def test_budget_and_equal_budget_helper():
         hs = schedules.at_budget(fam, 6, 3000, **kw)
         total = sum(hs)
         assert len(hs) == 6 and 3000 - 6 <= total <= 3000, (fam, hs)
+
+
+def test_incremental_decoding_with_truncate_equals_segment_forward():
+    """Token-by-token steps with truncate=False inside a segment reproduce the segment-wise logits."""
+    cfg = DSMRConfig(vocab_size=30, n_layers=3, d_model=16, n_heads=2, n_kv_heads=1, segment_len=6,
+                     horizons=[4, 0, None])
+    model = DSMRModel(cfg).double().eval()
+    tok = torch.randint(0, 30, (2, 20))
+    with torch.no_grad():
+        ref, _ = _stream(model, tok, 6)
+        st, outs = None, []
+        for t in range(20):
+            lg, st = model(tok[:, t:t + 1], st, truncate=False)
+            outs.append(lg)
+            if (t + 1) % 6 == 0:
+                st = st.truncate(cfg.layer_horizons)
+    assert torch.allclose(torch.cat(outs, 1), ref, atol=1e-10, rtol=0)
