@@ -176,6 +176,12 @@ def test_loss_drops_below_unigram_entropy(tmp_path):
         assert (tmp_path / name).exists(), name
     model, info = load_model(tmp_path / "best.pt")
     assert info["step"] == 150 and info["vocab"] == {"vocab_size": 19, "pad_id": 0, "bos_id": 1, "eos_id": 2}
+    # A trained full-memory model uses its memory: wiping it costs NLL right after the wipe (the
+    # motif in progress is lost). Motif order is random, so far from R the increase is noise.
+    from dsmr.diagnostics import kv_reset_diagnostic
+
+    early = [np.mean(kv_reset_diagnostic(model, p, bos_id=BOS, eos_id=EOS)["increase"][:8]) for p in val_p]
+    assert np.mean(early) > 0.1, early
 
 
 def _losses(path):

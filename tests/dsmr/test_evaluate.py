@@ -1,0 +1,116 @@
+"""Streaming evaluation equals a one-shot forward; position buckets; the KV-reset diagnostic."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsmr import DSMRConfig, DSMRModel
+from dsmr.diagnostics import DISTANCE_LABELS, kv_reset_diagnostic
+from dsmr.evaluate import BUCKET_LABELS, evaluate
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _one_shot_nll(model, piece):
+    """Straightforward reference: the whole piece in one forward, mean over its L + 1 targets."""
+    seq = torch.tensor(np.concatenate([[BOS], piece, [EOS]]), dtype=torch.long)
+    logits, _ = model(seq[None, :-1])
+    return F.cross_entropy(logits[0], seq[1:], reduction="sum").item(), len(piece) + 1
+
+
+def test_streaming_perplexity_equals_one_shot_full_memory():
+    cfg = DSMRConfig(vocab_size=23, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, segment_len=64)
+    model = DSMRModel(cfg).double().eval()
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(3, 23, size=int(n)) for n in (1, 7, 40, 62, 15, 33, 9)]
+    with torch.no_grad():
+        ref = [_one_shot_nll(model, p) for p in pieces]
+    total, n = sum(r[0] for r in ref), sum(r[1] for r in ref)
+    for lanes, seg in ((3, 8), (2, 13), (7, 64)):
+        res = evaluate(model, pieces, pad_id=PAD, bos_id=BOS, eos_id=EOS, batch_lanes=lanes, segment_len=seg)
+        assert res["tokens"] == n
+        assert res["nll"] == pytest.approx(total / n, rel=1e-10, abs=1e-10)
+        assert res["ppl"] == pytest.approx(math.exp(total / n), rel=1e-9)
+    assert model.training is False
+
+
+def test_position_buckets_sum_and_positions():
+    cfg = DSMRConfig(vocab_size=11, n_layers=1, d_model=16, n_heads=2, segment_len=256, horizons=[0])
+    model = DSMRModel(cfg).eval()
+    model.train()  # evaluate must restore the mode
+    rng = np.random.default_rng(1)
+    lens = (1500, 5000, 100)
+    pieces = [rng.integers(3, 11, size=n) for n in lens]
+    res = evaluate(model, pieces, pad_id=PAD, bos_id=BOS, eos_id=EOS, batch_lanes=2)
+    assert model.training
+    b = res["buckets"]
+    assert list(b) == list(BUCKET_LABELS)
+    assert sum(v["tokens"] for v in b.values()) == res["tokens"] == sum(n + 1 for n in lens)
+    assert sum(v["nll_sum"] for v in b.values()) == pytest.approx(res["nll_sum"], rel=1e-12)
+    # targets 1..1024 of every piece, 1025..4096 of the two long ones, 4097..5001 of the longest
+    assert b["1-1k"]["tokens"] == 1024 + 1024 + 101
+    assert b["1k-4k"]["tokens"] == (1501 - 1024) + (4096 - 1024)
+    assert b["4k-8k"]["tokens"] == 5001 - 4096
+    assert b["8k-16k"]["tokens"] == 0 and b["8k-16k"]["nll"] is None
+    assert res["nll"] == pytest.approx(res["nll_sum"] / res["tokens"])
+
+
+def test_evaluate_bad_input():
+    model = DSMRModel(DSMRConfig(vocab_size=11, n_layers=1, d_model=16, n_heads=2, segment_len=8))
+    with pytest.raises(ValueError, match="evaluation piece 1 is empty"):
+        evaluate(model, [np.array([3]), np.array([], dtype=np.int64)], pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="outside the model's vocab"):
+        evaluate(model, [np.array([3, 11])], pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    with pytest.raises(ValueError, match="segment_len must be a positive int"):
+        evaluate(model, [np.array([3])], pad_id=PAD, bos_id=BOS, eos_id=EOS, segment_len=0)
+    with pytest.raises(ValueError, match="exceeds the model's segment_len"):
+        evaluate(model, [np.array([3])], pad_id=PAD, bos_id=BOS, eos_id=EOS, segment_len=9)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-reset diagnostic
+
+
+@pytest.mark.parametrize("horizons", [[0, 0, 0], [None, 4, 0], [None, None, None]])
+def test_kv_reset_diagnostic_shapes_and_zero_without_memory(tmp_path, horizons):
+    cfg = DSMRConfig(vocab_size=17, n_layers=3, d_model=16, n_heads=2, segment_len=8, horizons=horizons)
+    model = DSMRModel(cfg).eval()
+    piece = np.random.default_rng(2).integers(3, 17, size=100)
+    res = kv_reset_diagnostic(model, piece, bos_id=BOS, eos_id=EOS, reset_at=45,
+                              plot_path=tmp_path / "kv.png")
+    assert res["reset_at"] == 40 and res["requested_reset_at"] == 45  # rounded down to the segment
+    assert res["n_inputs"] == 101 and res["window"] == 61
+    assert len(res["increase"]) == len(res["nll_normal"]) == len(res["nll_wiped"]) == 61
+    assert res["auc"] == pytest.approx(sum(res["increase"]))
+    assert res["mean_increase"] == pytest.approx(res["auc"] / 61)
+    assert set(res["buckets"]) <= set(DISTANCE_LABELS) and res["buckets"]["0-256"]["tokens"] == 61
+    assert (tmp_path / "kv.png").exists()
+    if horizons == [0, 0, 0]:
+        assert all(x == 0.0 for x in res["increase"]) and res["auc"] == 0.0
+    else:
+        # with memory the wipe must change something right after R
+        assert any(x != 0.0 for x in res["increase"][:8])
+        # and the normal run equals an ordinary streaming evaluation of the piece
+        ev = evaluate(model, [piece], pad_id=PAD, bos_id=BOS, eos_id=EOS, batch_lanes=1)
+        tail = ev["nll_sum"] - res["nll_before"] * 40
+        assert sum(res["nll_normal"]) == pytest.approx(tail, rel=1e-4)
+
+
+def test_kv_reset_diagnostic_default_r_window_and_errors():
+    cfg = DSMRConfig(vocab_size=17, n_layers=1, d_model=16, n_heads=2, segment_len=16)
+    model = DSMRModel(cfg).eval()
+    piece = np.random.default_rng(3).integers(3, 17, size=99)
+    res = kv_reset_diagnostic(model, piece, bos_id=BOS, eos_id=EOS, window=10)
+    assert res["requested_reset_at"] == 50 and res["reset_at"] == 48 and res["window"] == 10
+    with pytest.raises(ValueError, match="rounds down to R=0"):
+        kv_reset_diagnostic(model, piece[:20], bos_id=BOS, eos_id=EOS)
