@@ -1,0 +1,156 @@
+"""Sampling from a DSMR model with per-layer caches bounded by each layer's horizon + a segment.
+
+The model is defined segment by segment: a token at position p in segment k = p // S sees its
+layer's memory as it stood at the segment's start (the last ``horizon`` tokens before k*S) plus
+the tokens of segment k up to itself. Generation reproduces that rule token by token:
+
+    prompt  | full segments: model(seg, state)                 (memory truncated after each)
+            | tail of a segment: model(tail, state, truncate=False)
+    decode  | one token: model(tok, state, truncate=False)     (memory grows within the segment)
+            | at every segment boundary: state = state.truncate(config.layer_horizons)
+
+so every layer's cache holds at most ``horizon + S`` slots (None horizons: the whole history),
+and the logits equal those of a segment-wise forward over the same tokens.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> int:
+    """Draw one id from ``logits`` ``(V,)``: temperature, then top-k, then nucleus (top-p).
+
+    ``temperature == 0`` is greedy (argmax). Sampling runs on the CPU so a seeded CPU generator
+    gives the same draw on any device.
+    """
+    logits = logits.detach().float().cpu()
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, -1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop = (torch.cumsum(probs, -1) - probs) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, idx, drop), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _check_args(max_new_tokens, temperature, top_k, top_p):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    stop_at_eos: bool = True,
+    device=None,
+    return_logits: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Continue ``prompt`` by sampling up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a :class:`dsmr.DSMRModel` (put in eval mode for the call).
+        prompt: 1-D ids used as given (start it with BOS to begin a piece). At least one id.
+        max_new_tokens: upper bound on sampled tokens.
+        temperature, top_k, top_p: sampling controls (temperature 0 = greedy).
+        seed: seeds the sampling generator (same seed -> same tokens); None: nondeterministic.
+        eos_id, stop_at_eos: stop after sampling ``eos_id`` (it is included in the output).
+        return_logits: also return the logits of every position fed to the model.
+
+    Returns: ``{"tokens": prompt + new (list), "new_tokens": list, "stopped_at_eos": bool,
+    "max_capacity": per-layer largest cache size (slots) seen, "logits": (T - 1, V) float tensor
+    (only with ``return_logits``; row i is the distribution of token i + 1, T = len(tokens))}``.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    raw = model.module if hasattr(model, "module") else model
+    cfg = raw.config
+    S, horizons = cfg.segment_len, cfg.layer_horizons
+    prompt = [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
+    if not prompt:
+        raise ValueError("prompt must hold at least one id (e.g. BOS)")
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt ids {bad[:5]} lie outside the model's vocab [0, {cfg.vocab_size})")
+    device = next(raw.parameters()).device if device is None else torch.device(device)
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(int(seed))
+    else:
+        gen.seed()
+
+    max_cap = [0] * cfg.n_layers
+
+    def track(st):
+        for i, s in enumerate(st.layers):
+            max_cap[i] = max(max_cap[i], s.capacity)
+
+    was_training = raw.training
+    raw.eval()
+    all_logits = []
+    try:
+        toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
+        P = toks.shape[1]
+        state = raw.init_state(1, device)
+        full = P - P % S
+        logits = None
+        for s0 in range(0, full, S):
+            logits, state = raw(toks[:, s0:s0 + S], state)  # (1, S, V), memory truncated
+            track(state)
+            all_logits.append(logits[0])
+        if P > full:
+            # A partial segment: keep its keys untruncated, later tokens of this segment see them.
+            logits, state = raw(toks[:, full:], state, truncate=False)
+            track(state)
+            all_logits.append(logits[0])
+        pos = P
+        new, stopped = [], False
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+            tok = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+            new.append(tok)
+            if stop_at_eos and eos_id is not None and tok == eos_id:
+                stopped = True
+                break
+            if i == max_new_tokens - 1:
+                break  # the last token is never fed back
+            step_in = torch.tensor([[tok]], dtype=torch.long, device=device)  # (1, 1)
+            logits, state = raw(step_in, state, truncate=False)
+            pos += 1
+            track(state)
+            all_logits.append(logits[0])
+            if pos % S == 0:
+                state = state.truncate(horizons)
+    finally:
+        raw.train(was_training)
+
+    out = {"tokens": prompt + new, "new_tokens": new, "stopped_at_eos": stopped, "max_capacity": max_cap}
+    if return_logits:
+        lg = torch.cat(all_logits, 0).float().cpu()  # (T, V) rows for every fed position
+        out["logits"] = lg[: len(prompt) + len(new) - 1]
+    return out
