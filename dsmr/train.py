@@ -36,6 +36,7 @@ clip -> step -> log.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import heapq
@@ -501,16 +502,28 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    owns_group: bool = False  # we called init_process_group, so we tear it down
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def setup_distributed(cfg: TrainConfig, device_hint: str) -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (if any)."""
+    """Join the process group that ``torchrun`` describes in the environment (if any).
+
+    The group is created once per process and torn down at exit, not after each ``train()``:
+    under torchrun a second ``init_process_group`` on the launcher's store can meet the first
+    group's stale rendezvous keys and hang, so later calls (e.g. a resume in the same process)
+    reuse the group.
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_world_size() > 1, dist.get_rank(), dist.get_world_size(),
-                        int(os.environ.get("LOCAL_RANK", 0)), False)
+                        int(os.environ.get("LOCAL_RANK", 0)))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -519,7 +532,8 @@ def setup_distributed(cfg: TrainConfig, device_hint: str) -> DistInfo:
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend)
-    return DistInfo(True, rank, world, local_rank, True)
+    atexit.register(_destroy_group)
+    return DistInfo(True, rank, world, local_rank)
 
 
 def resolve_device(name: str, dist_info: DistInfo) -> torch.device:
@@ -635,6 +649,7 @@ def train(
     tokenizer_config: Optional[dict] = None,
     resume: bool = False,
     callback: Optional[Callable[[int, dict], None]] = None,
+    return_model: bool = False,
 ) -> dict:
     """Train a :class:`DSMRModel` by streaming whole pieces; returns a summary dict.
 
@@ -653,6 +668,7 @@ def train(
             uninterrupted one exactly. Without a checkpoint the run starts fresh (with a warning).
         callback: ``callback(step, record)`` after every optimizer step on every rank (``record``
             has ``loss`` on logged steps); an exception in it stops the run like a kill.
+        return_model: also return the trained model (unwrapped from DDP) as ``summary["model"]``.
 
     Writes under ``out_dir`` (rank 0 only): ``last.pt``, ``best.pt`` (lowest validation
     perplexity), ``metrics.jsonl`` (one JSON object per logged step / evaluation),
@@ -668,18 +684,12 @@ def train(
     cfg = train_cfg
     hint = "cuda" if (cfg.device == "auto" and torch.cuda.is_available()) or cfg.device.startswith("cuda") else "cpu"
     dist_info = setup_distributed(cfg, hint)
-    try:
-        return _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id, bos_id,
-                      eos_id, tokenizer_config, resume, callback, dist_info, ckpt_mod, evaluate)
-    finally:
-        if dist_info.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    return _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id, bos_id,
+                  eos_id, tokenizer_config, resume, callback, return_model, dist_info, ckpt_mod, evaluate)
 
 
 def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id, bos_id, eos_id,
-           tokenizer_config, resume, callback, dist_info, ckpt_mod, evaluate):
+           tokenizer_config, resume, callback, return_model, dist_info, ckpt_mod, evaluate):
     from tqdm.auto import tqdm
 
     rank, world = dist_info.rank, dist_info.world_size
@@ -881,7 +891,7 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
     plot_path = None
     if master and cfg.plot:
         plot_path = plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
-    return {
+    summary = {
         "step": step,
         "epoch": batcher.epoch,
         "train_loss": train_loss,
@@ -897,3 +907,6 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
         "metrics": str(out_dir / "metrics.jsonl"),
         "plot": None if plot_path is None else str(plot_path),
     }
+    if return_model:
+        summary["model"] = raw_model
+    return summary
