@@ -1,0 +1,149 @@
+"""Every ``dsmr`` command end to end on a tiny generated MIDI corpus (offline, a few seconds)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("miditok")
+pytest.importorskip("symusic")
+
+import symusic  # noqa: E402
+
+from dsmr.cli import main  # noqa: E402
+from tests.dsmr.midi_fixtures import _corpus  # noqa: E402
+
+TINY = ["--n-layers", "2", "--d-model", "32", "--n-heads", "2", "--n-kv-heads", "1", "--segment-len", "32",
+        "--batch-lanes", "2", "--eval-every", "0", "--ckpt-every", "0", "--log-every", "1", "--warmup-steps", "1",
+        "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    midis = root / "midis"
+    _corpus(midis, n=6)
+    # A corrupt file in the source must be skipped and counted, not fatal.
+    (midis / "broken.mid").write_bytes(b"MThd this is not midi")
+    return root, midis
+
+
+def _run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    root, midis = workspace
+    out = root / "run"
+    code = main(["train", "--source", str(midis), "--cache-dir", str(root / "cache"), "--out", str(out),
+                 "--max-steps", "4", "--schedule", "two_scale:long=48,short=8,n_long=1", "--workers", "1", *TINY])
+    assert code == 0
+    return out
+
+
+def test_data_prepare_stats_list(workspace, capsys):
+    root, midis = workspace
+    cache = ["--cache-dir", str(root / "cache")]
+    code, out, _ = _run(["data", "prepare", str(midis), *cache, "--workers", "1"], capsys)
+    assert code == 0 and "vocab size" in out and "skipped files: 1" in out
+    code, out, _ = _run(["data", "stats", str(midis), *cache, "--pieces"], capsys)
+    assert code == 0 and "piece_0" in out
+    code, out, _ = _run(["data", "list", *cache], capsys)
+    assert code == 0 and "folder-midis" in out
+
+
+def test_schedules_table(capsys):
+    code, out, _ = _run(["schedules", "--n-layers", "6", "--piece-len", "16384"], capsys)
+    assert code == 0
+    for fam in ("full", "uniform", "two_scale", "reverse_two_scale", "progressive", "selective", "perceiver_ar_like"):
+        assert fam in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("two_scale"))
+    assert "10,240" in line  # 2 x 4096 + 4 x 512 slots
+    code, out, _ = _run(["schedules", "--n-layers", "2", "--schedule", "64,none"], capsys)
+    assert "16,448" in out
+
+
+def test_schedules_bad_spec_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["schedules", "--n-layers", "3", "--schedule", "two_scale:long=8"])
+    assert e.value.code == 2
+    assert "two_scale" in capsys.readouterr().err
+
+
+def test_train_writes_checkpoints_metrics_and_plot(trained):
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "curves.png", "model_config.json", "train_config.json"):
+        assert (trained / name).exists(), name
+    cfg = json.loads((trained / "model_config.json").read_text())
+    assert cfg["horizons"] == [48, 8] and cfg["d_model"] == 32
+
+
+def test_train_resume_continues(workspace, trained, capsys):
+    root, midis = workspace
+    code, out, _ = _run(["train", "--source", str(midis), "--cache-dir", str(root / "cache"), "--out", str(trained),
+                         "--max-steps", "6", "--schedule", "two_scale:long=48,short=8,n_long=1", "--resume",
+                         "--workers", "1", *TINY], capsys)
+    assert code == 0 and json.loads(out[out.index("{\n"):])["step"] == 6
+
+
+def test_train_from_toml_config(workspace, tmp_path, capsys):
+    root, midis = workspace
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        '[model]\nn_layers = 1\nd_model = 16\nn_heads = 2\nsegment_len = 16\nschedule = "uniform:m=16"\n'
+        "[train]\nmax_steps = 2\nbatch_lanes = 2\neval_every = 0\nwarmup_steps = 1\n"
+        f'[data]\nsource = "{midis}"\n'
+    )
+    code, out, _ = _run(["train", "--config", str(cfg), "--cache-dir", str(root / "cache"), "--out",
+                         str(tmp_path / "r"), "--workers", "1"], capsys)
+    assert code == 0
+    saved = json.loads((tmp_path / "r" / "model_config.json").read_text())
+    assert saved["n_layers"] == 1 and saved["horizons"] == [16]
+
+
+def test_eval_prints_perplexity_and_buckets(workspace, trained, capsys, tmp_path):
+    root, midis = workspace
+    js = tmp_path / "e.json"
+    code, out, _ = _run(["eval", "--checkpoint", str(trained / "best.pt"), "--source", str(midis),
+                         "--cache-dir", str(root / "cache"), "--split", "test", "--json", str(js)], capsys)
+    assert code == 0 and "perplexity" in out
+    assert all(label in out for label in ("1-1k", "1k-4k", "32k+"))
+    res = json.loads(js.read_text())
+    assert res["ppl"] > 1 and res["tokens"] == sum(b["tokens"] for b in res["buckets"].values())
+
+
+def test_diagnose_writes_plot(workspace, trained, capsys, tmp_path):
+    root, midis = workspace
+    png = tmp_path / "kv.png"
+    code, out, _ = _run(["diagnose", "--checkpoint", str(trained / "best.pt"), "--source", str(midis),
+                         "--cache-dir", str(root / "cache"), "--split", "train", "--reset-at", "64",
+                         "--plot", str(png)], capsys)
+    assert code == 0 and "area under the increase" in out
+    assert png.exists() and png.stat().st_size > 1000
+
+
+def test_generate_midi_from_prompt(workspace, trained, capsys, tmp_path):
+    _, midis = workspace
+    out_mid = tmp_path / "gen.mid"
+    ids = tmp_path / "ids.json"
+    code, out, _ = _run(["generate", "--checkpoint", str(trained / "best.pt"), "--prompt", str(midis / "piece_0.mid"),
+                         "--prompt-tokens", "40", "--out", str(out_mid), "--max-new-tokens", "50", "--seed", "1",
+                         "--ids-out", str(ids)], capsys)
+    assert code == 0 and out_mid.exists()
+    toks = json.loads(ids.read_text())
+    assert 41 <= len(toks) <= 91
+    symusic.Score(str(out_mid))  # a readable MIDI file
+
+
+def test_generate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.mid")])
+    assert "nope.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", ["data", "schedules", "train", "eval", "diagnose", "generate"])
+def test_every_command_has_help(cmd):
+    res = subprocess.run([sys.executable, "-m", "dsmr", cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "usage: dsmr" in res.stdout
