@@ -7,6 +7,7 @@ A checkpoint is one ``dict`` of tensors, dicts, lists, str/int/float/bool/None (
     model            state_dict                      model_config     DSMRConfig.to_dict()
     optimizer        AdamW state_dict                train_config     TrainConfig.to_dict()
     scheduler        LambdaLR state_dict             tokenizer_config any JSON-able dict or None
+    scaler           GradScaler state_dict ({} unless float16 autocast)
     step, epoch      optimizer steps done            vocab            {vocab_size, pad_id, bos_id, eos_id}
     best_val_ppl     float or None                   val              last evaluation dict or None
     world_size       processes that wrote it

@@ -57,6 +57,7 @@ def kv_reset_diagnostic(
     autocast: bool = False,
     autocast_dtype: torch.dtype = torch.bfloat16,
     plot_path: Optional[Union[str, Path]] = None,
+    progress: bool = False,
 ) -> dict:
     """NLL increase caused by wiping all layers' memory at token R, by distance after R.
 
@@ -69,6 +70,7 @@ def kv_reset_diagnostic(
         window: how many inputs after R to report (default: to the end of the piece).
         segment_len: S (default: the model's).
         plot_path: if given, a PNG of the increase against distance is written there.
+        progress: show a tqdm bar over segments.
 
     Returns: dict with ``reset_at`` (R used), ``requested_reset_at``, ``segment_len``,
     ``n_inputs`` (piece length + 1), ``window``, per-token lists over distance 0..window-1:
@@ -100,14 +102,19 @@ def kv_reset_diagnostic(
     device = next(raw.parameters()).device if device is None else torch.device(device)
     seq = seq.to(device)
     inputs, targets = seq[:-1], seq[1:]
+    from tqdm.auto import tqdm
+
     was_training = raw.training
     raw.eval()
+    n_after = -(-W // S)
+    bar = tqdm(total=R // S + 2 * n_after, desc="kv-reset", disable=not progress, leave=False)
     try:
         # The shared prefix [0, R) runs once; then two states continue from R.
         state, before = raw.init_state(1, device), []
         for s0 in range(0, R, S):
             nll, state = _nll(raw, inputs[s0:s0 + S], targets[s0:s0 + S], state, autocast, autocast_dtype)
             before.append(nll)
+            bar.update(1)
         runs = {}
         for name, st in (("normal", state), ("wiped", wipe_memory(state))):
             out = []
@@ -115,8 +122,10 @@ def kv_reset_diagnostic(
                 e = min(s0 + S, R + W)
                 nll, st = _nll(raw, inputs[s0:e], targets[s0:e], st, autocast, autocast_dtype)
                 out.append(nll)
+                bar.update(1)
             runs[name] = torch.cat(out).double().cpu()
     finally:
+        bar.close()
         raw.train(was_training)
 
     inc = runs["wiped"] - runs["normal"]  # (W,)

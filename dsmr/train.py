@@ -732,6 +732,9 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, cfg, total_steps) / cfg.lr
     )
+    amp_dtype = torch.bfloat16 if cfg.autocast_dtype == "bfloat16" else torch.float16
+    # float16 needs loss scaling (bf16 has fp32's range); disabled, the scaler is a no-op.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.autocast and amp_dtype == torch.float16)
     state = raw_model.init_state(B, device)
     step, best_ppl, last_val = 0, float("inf"), None
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank
@@ -739,7 +742,7 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
     resume_step = None
     if resume:
         if last_path.exists():
-            ck = ckpt_mod.load_checkpoint(last_path, map_location=device)
+            ck = ckpt_mod.load_checkpoint(last_path, map_location="cpu")  # RNG states must stay on CPU
             if ck["model_config"] != model_config.to_dict():
                 raise ValueError(f"{last_path} was trained with model config {ck['model_config']}, "
                                  f"not {model_config.to_dict()}; resume with the same model config")
@@ -749,6 +752,8 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
             raw_model.load_state_dict(ck["model"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
+            if ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
             batcher.load_state_dict(ck["data"][rank])
             state = ModelState.from_dict(
                 {k: v.to(device).contiguous() for k, v in ck["memory"][rank].items()}, model_config.n_layers
@@ -771,7 +776,6 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
         (out_dir / "train_config.json").write_text(cfg.to_json())
         (out_dir / "model_config.json").write_text(model_config.to_json())
     metrics = _Metrics(out_dir / "metrics.jsonl", master, resume_step)
-    amp_dtype = torch.bfloat16 if cfg.autocast_dtype == "bfloat16" else torch.float16
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast)  # noqa: E731
 
     def save(paths):
@@ -798,13 +802,14 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
             rng=[r["rng"] for r in per_rank], world_size=world,
             best_val_ppl=None if math.isinf(best_ppl) else best_ppl, val=last_val,
         )
+        obj["scaler"] = scaler.state_dict()
         for p in paths:
             ckpt_mod.save_checkpoint(obj, p)
 
     def run_eval():
         return evaluate(raw_model, val_pieces, pad_id=vocab.pad_id, bos_id=vocab.bos_id, eos_id=vocab.eos_id,
                         batch_lanes=cfg.eval_batch_lanes or B, device=device, autocast=cfg.autocast,
-                        autocast_dtype=amp_dtype, rank=rank, world_size=world)
+                        autocast_dtype=amp_dtype, rank=rank, world_size=world, progress=show and master)
 
     show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
     pbar = tqdm(total=total_steps, initial=step, disable=not (show and master), desc="train",
@@ -855,13 +860,15 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
                         logits, state = model(b.inputs, state)  # (B, S, V)
                     nll = F.cross_entropy(logits.float().flatten(0, 1), b.targets.flatten(),
                                           ignore_index=IGNORE_INDEX, reduction="sum")
-                    (nll * norm).backward()
+                    scaler.scale(nll * norm).backward()
                 nll_sum += nll.detach()
                 state = compact_state(state, int((b.start + S).max()))
             grad_norm = None
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
