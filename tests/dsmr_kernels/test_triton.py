@@ -6,12 +6,29 @@ floor. The interpreter simulates every program in numpy, so instead of the full 
 axes we run a covering set in which every value of every axis appears, crossed pairwise-ish with
 the others.
 """
+import os
+
 import pytest
 import torch
 
 from dsmr_kernels import segment_memory_attention, segment_memory_attention_ref
 from dsmr_kernels import triton_fwd
 from dsmr_kernels.testing import assert_close_to_golden, forward_backward, make_inputs
+
+# On a machine with a CUDA GPU, `TRITON_INTERPRET=0 pytest tests/dsmr_kernels` runs the compiled
+# kernels on the GPU; inputs and goldens stay on the CPU and only the Triton call moves to DEVICE.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _on_device(*args):
+    return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _triton(*args, **kw):
+    """The Triton op on DEVICE; outputs come back to the CPU (autograd carries grads across)."""
+    res = segment_memory_attention(*_on_device(*args), backend="triton", **kw)
+    return tuple(r.cpu() for r in res) if isinstance(res, tuple) else res.cpu()
+
 
 H = 4
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -80,7 +97,7 @@ def _check_against_golden(dtype, B, Hkv, S, M, window, D, ml, seed=0):
     captured = {}
 
     def triton_fn(*args, **kw):
-        out, lse = segment_memory_attention(*args, backend="triton", return_lse=True, **kw)
+        out, lse = _triton(*args, return_lse=True, **kw)
         captured["lse"] = lse
         return out
 
@@ -153,10 +170,7 @@ def test_noncontiguous_inputs_and_grad():
     do = torch.randn(B, S, H, D, generator=g).transpose(1, 2)
     assert not (q.is_contiguous() or k.is_contiguous() or mem_k.is_contiguous() or do.is_contiguous())
 
-    def triton_fn(*args, **kw):
-        return segment_memory_attention(*args, backend="triton", **kw)
-
-    fast = forward_backward(triton_fn, q, k, v, mem_k, mem_v, mem_len, do, window=11)
+    fast = forward_backward(_triton, q, k, v, mem_k, mem_v, mem_len, do, window=11)
     ref = forward_backward(
         segment_memory_attention_ref, q.contiguous(), k.contiguous(), v.contiguous(),
         mem_k.contiguous(), mem_v.contiguous(), mem_len, do.contiguous(), window=11,
@@ -166,7 +180,7 @@ def test_noncontiguous_inputs_and_grad():
 
     # out.sum().backward() hands the kernel a stride-0 (expanded) dO.
     qq = q.detach().clone().requires_grad_(True)
-    segment_memory_attention(qq, k, v, mem_k, mem_v, mem_len, backend="triton").sum().backward()
+    _triton(qq, k, v, mem_k, mem_v, mem_len).sum().backward()
     qr = q.detach().clone().requires_grad_(True)
     segment_memory_attention_ref(qr, k, v, mem_k, mem_v, mem_len).sum().backward()
     torch.testing.assert_close(qq.grad, qr.grad, atol=1e-5, rtol=1e-5)
@@ -175,7 +189,7 @@ def test_noncontiguous_inputs_and_grad():
 def test_unsupported_head_dim_raises():
     q, k, v, mem_k, mem_v, mem_len = make_inputs(1, H, 2, 5, 3, 24)
     with pytest.raises(ValueError, match=r"head dim 24.*16, 32, 64, 128"):
-        segment_memory_attention(q, k, v, mem_k, mem_v, mem_len, backend="triton")
+        _triton(q, k, v, mem_k, mem_v, mem_len)
 
 
 def test_float64_raises():
