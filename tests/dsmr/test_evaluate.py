@@ -13,14 +13,6 @@ from dsmr.evaluate import BUCKET_LABELS, evaluate
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _one_shot_nll(model, piece):
     """Straightforward reference: the whole piece in one forward, mean over its L + 1 targets."""
     seq = torch.tensor(np.concatenate([[BOS], piece, [EOS]]), dtype=torch.long)

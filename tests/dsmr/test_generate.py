@@ -8,14 +8,6 @@ from dsmr.generate import generate, sample_next
 EOS = 2
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(horizons, seg=5, vocab=23):
     cfg = DSMRConfig(vocab_size=vocab, n_layers=3, d_model=16, n_heads=2, n_kv_heads=1, segment_len=seg,
                      horizons=horizons)

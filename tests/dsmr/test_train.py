@@ -15,15 +15,6 @@ from dsmr.train import IGNORE_INDEX, LaneBatcher, TrainConfig, lr_at, seq_slice,
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    # Tiny models: one thread avoids oversubscription on a shared 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def motif_corpus(n_pieces, seed, vocab=19, n_motifs=4, motif_len=6, reps=(8, 30)):
     """Pieces made of a few fixed motifs: after a motif's first token the rest is predictable."""
     rng = np.random.default_rng(1234)
