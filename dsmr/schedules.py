@@ -172,8 +172,8 @@ def budget(
 ) -> dict:
     """Recurrent KV state of a schedule.
 
-    ``None`` horizons (whole history) count as ``piece_len`` tokens; without ``piece_len`` they
-    make the budget unbounded (``slots = inf``). ``segment_len`` caps nothing; it is reported so
+    ``None`` horizons (whole history) count as ``piece_len`` tokens and finite ones at most that;
+    without ``piece_len`` whole-history layers make the budget unbounded (``slots = inf``). ``segment_len`` caps nothing; it is reported so
     the attention span per query (memory + segment) can be read off.
 
     Returns a dict: ``slots`` (sum of horizons: KV slots per lane), ``per_layer`` (list),
@@ -186,7 +186,8 @@ def budget(
             per_layer.append(float("inf") if piece_len is None else int(piece_len))
         else:
             _check_h(f"horizon of layer {i}", h)
-            per_layer.append(int(h))
+            # A layer never holds more than the piece it has seen.
+            per_layer.append(int(h) if piece_len is None else min(int(h), int(piece_len)))
     slots = sum(per_layer)
     nbytes = 2 * slots * n_kv_heads * head_dim * batch * bytes_per_elem
     return {
@@ -224,6 +225,8 @@ def at_budget(family: str, n: int, total: int, **fixed) -> List[Horizon]:
         return FAMILIES[family](n, long, short, n_long)
     if family == "progressive":
         low, asc = fixed.get("low", 0), fixed.get("ascending", True)
+        if low * n > total:
+            raise ValueError(f"total {total} is below n * low = {n * low}; lower low")
         lo, hi = low, max(low, total)
         while lo < hi:  # largest high whose sum <= total
             mid = (lo + hi + 1) // 2

@@ -44,6 +44,8 @@ class AttentionState:
     def reset(self, lanes: Union[Sequence[int], torch.Tensor, None] = None) -> "AttentionState":
         """Start a new piece in ``lanes`` (all lanes when None): memory emptied, position 0.
 
+        ``lanes`` is a sequence/tensor of lane indices or a ``(B,)`` boolean mask.
+
         Returns a new state; the old one is left intact (autograd may still hold its tensors).
         """
         mem_len, pos = self.mem_len.clone(), self.pos.clone()
@@ -51,7 +53,14 @@ class AttentionState:
             mem_len.zero_()
             pos.zero_()
         else:
-            idx = torch.as_tensor(lanes, dtype=torch.long, device=mem_len.device)
+            idx = torch.as_tensor(lanes, device=mem_len.device)
+            if idx.dtype == torch.bool:  # a per-lane mask, e.g. a batch's reset flags
+                if idx.shape != (self.batch,):
+                    raise ValueError(f"a boolean lanes mask must have shape ({self.batch},), got {tuple(idx.shape)}")
+                idx = idx.nonzero().flatten()
+            elif idx.dtype.is_floating_point or idx.is_complex():
+                raise ValueError(f"lanes must be lane indices or a boolean mask, got dtype {idx.dtype}")
+            idx = idx.to(torch.long).flatten()
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.batch):
                 raise ValueError(f"lanes must lie in [0, {self.batch}), got {idx.tolist()}")
             mem_len[idx] = 0
@@ -73,6 +82,7 @@ class AttentionState:
         )
 
     def to(self, device) -> "AttentionState":
+        """The same state with every tensor moved to ``device``."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return AttentionState(mv(self.mem_k), mv(self.mem_v), self.mem_len.to(device), self.pos.to(device))
 

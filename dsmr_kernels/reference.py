@@ -78,6 +78,10 @@ def segment_memory_attention_ref(
     scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc_dtype) * scale  # (B, H, S, M+S)
     vis = visibility_mask(S, M, mem_len if M > 0 else None, window, q.device)
     scores = scores.masked_fill(~vis, float("-inf"))
+    if M > 0 and mem_len is not None:
+        # Invalid slots may hold stale inf/NaN; their probability is 0 but 0 * NaN is NaN.
+        invalid = torch.arange(M + S, device=q.device)[None, :] < (M - mem_len.to(q.device).long())[:, None]
+        vals = vals.masked_fill(invalid[:, None, :, None], 0)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     probs = torch.exp(scores - lse[..., None])
     out = torch.matmul(probs.to(q.dtype), vals)  # (B, H, S, D)

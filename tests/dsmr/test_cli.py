@@ -96,9 +96,11 @@ def test_train_from_toml_config(workspace, tmp_path, capsys):
         "[train]\nmax_steps = 2\nbatch_lanes = 2\neval_every = 0\nwarmup_steps = 1\n"
         f'[data]\nsource = "{midis}"\n'
     )
-    code, out, _ = _run(["train", "--config", str(cfg), "--cache-dir", str(root / "cache"), "--out",
-                         str(tmp_path / "r"), "--workers", "1"], capsys)
+    code, out, err = _run(["train", "--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--out",
+                           str(tmp_path / "r"), "--workers", "1"], capsys)
     assert code == 0
+    # The file's [data] source is used, not the "demo" default (which would fetch from PyPI).
+    assert "folder-midis" in err and not (tmp_path / "cache" / "demo").exists()
     saved = json.loads((tmp_path / "r" / "model_config.json").read_text())
     assert saved["n_layers"] == 1 and saved["horizons"] == [16]
 

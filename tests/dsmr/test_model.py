@@ -176,3 +176,29 @@ def test_incremental_decoding_with_truncate_equals_segment_forward():
             if (t + 1) % 6 == 0:
                 st = st.truncate(cfg.layer_horizons)
     assert torch.allclose(torch.cat(outs, 1), ref, atol=1e-10, rtol=0)
+
+
+def test_state_with_wrong_layer_count_is_refused():
+    small = DSMRModel(DSMRConfig(vocab_size=10, n_layers=1, d_model=8, n_heads=2))
+    big = DSMRModel(DSMRConfig(vocab_size=10, n_layers=3, d_model=8, n_heads=2))
+    _, st = small(torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="state has 1 layers but the model has 3"):
+        big(torch.zeros(1, 3, dtype=torch.long), st)
+    with pytest.raises(ValueError, match="3 horizons for a state of 1 layers"):
+        st.truncate([None, None, None])
+
+
+def test_reset_accepts_a_boolean_lane_mask():
+    cfg = DSMRConfig(vocab_size=10, n_layers=1, d_model=8, n_heads=2, horizons=[8])
+    m = DSMRModel(cfg)
+    _, st = m(torch.zeros(3, 5, dtype=torch.long))
+    st = st.reset(torch.tensor([True, False, True]))
+    assert st.layers[0].mem_len.tolist() == [0, 5, 0] and st.pos.tolist() == [0, 5, 0]
+    with pytest.raises(ValueError, match="boolean lanes mask must have shape"):
+        st.reset(torch.tensor([True, False]))
+
+
+def test_budget_caps_horizons_at_piece_length():
+    assert schedules.budget([4096], piece_len=1000)["slots"] == 1000
+    with pytest.raises(ValueError, match="below n \\* low"):
+        schedules.at_budget("progressive", 4, 10, low=8)

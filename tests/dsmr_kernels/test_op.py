@@ -58,6 +58,8 @@ def test_invalid_memory_slots_are_ignored():
         mv2[b, :, : 8 - n] = float("nan")
     c = segment_memory_attention(q, k, v, mk2, mv2, ml, backend="torch")
     assert torch.equal(a, c)
+    r = segment_memory_attention_ref(q, k, v, mk2, mv2, ml)
+    assert torch.isfinite(r).all() and torch.allclose(r, a, atol=1e-5)
 
 
 CASES = list(
