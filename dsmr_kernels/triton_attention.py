@@ -9,6 +9,7 @@ imported); that is how CI tests them.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -40,12 +41,18 @@ def _check_supported(q: torch.Tensor, dims: OpDims) -> None:
         )
 
 
+def _on_device_of(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device; make that the tensors' device (e.g. cuda:1)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 class _SegmentMemoryAttention(torch.autograd.Function):
     """Fused forward/backward; gradients for q, k, v only (memory is detached state)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mem_k, mem_v, mem_len32, scale, window_eff, dims):
-        out, lse2 = attention_forward(q, k, v, mem_k, mem_v, mem_len32, scale, window_eff, dims)
+        with _on_device_of(q):
+            out, lse2 = attention_forward(q, k, v, mem_k, mem_v, mem_len32, scale, window_eff, dims)
         # The kernels keep the LSE in log2 units (exact for the backward's exp2); callers get ln.
         ctx.save_for_backward(q, k, v, out, lse2, mem_k, mem_v, mem_len32)
         ctx.scale, ctx.window_eff, ctx.dims = scale, window_eff, dims
@@ -56,9 +63,10 @@ class _SegmentMemoryAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse2, mem_k, mem_v, mem_len32 = ctx.saved_tensors
-        dq, dk, dv = attention_backward(
-            dout, q, k, v, mem_k, mem_v, mem_len32, out, lse2, ctx.scale, ctx.window_eff, ctx.dims
-        )
+        with _on_device_of(q):
+            dq, dk, dv = attention_backward(
+                dout, q, k, v, mem_k, mem_v, mem_len32, out, lse2, ctx.scale, ctx.window_eff, ctx.dims
+            )
         return dq, dk, dv, None, None, None, None, None, None
 
 
