@@ -141,6 +141,23 @@ def save_checkpoint(obj: dict, path: PathLike) -> Path:
     return path
 
 
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write a text file atomically (temp file in the same dir + fsync + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def remove_stale_temps(directory: PathLike) -> int:
     """Delete temp files that crashed writers left behind in ``directory``; returns how many."""
     n = 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import schedules
+from .checkpoint import atomic_write_text
 
 # Model presets: "tiny" trains in minutes on a 2-core CPU; "paper" is the DSMR paper's scale.
 PRESETS = {
@@ -293,7 +294,7 @@ def cmd_eval(args) -> int:
              f"{b['ppl']:.3f}" if b["tokens"] else "-"] for label, b in res["buckets"].items()]
     _print_table(["position", "tokens", "NLL", "ppl"], rows)
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        atomic_write_text(args.json, json.dumps(res, indent=2))
     return 0
 
 
@@ -322,7 +323,7 @@ def cmd_diagnose(args) -> int:
     if args.plot:
         print(f"plot: {args.plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        atomic_write_text(args.json, json.dumps(res, indent=2))
     return 0
 
 
@@ -364,7 +365,7 @@ def cmd_generate(args) -> int:
     print(f"prompt {len(prompt):,} tokens + {len(res['new_tokens']):,} new -> {out}"
           + (" (stopped at EOS)" if res["stopped_at_eos"] else ""))
     if args.ids_out:
-        Path(args.ids_out).write_text(json.dumps(res["tokens"]))
+        atomic_write_text(args.ids_out, json.dumps(res["tokens"]))
     return 0
 
 

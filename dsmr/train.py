@@ -606,8 +606,10 @@ def plot_curves(metrics_path: Path, png_path: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    tmp = png_path.with_name(f".{png_path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+    os.replace(tmp, png_path)
     return png_path
 
 
@@ -621,9 +623,10 @@ class _Metrics:
         keep = []
         if resume_step is not None:
             keep = [r for r in _read_metrics(path) if r.get("step", 0) <= resume_step]
-        with open(path, "w") as f:
-            for r in keep:
-                f.write(json.dumps(r) + "\n")
+        # Atomic: a kill during the rewrite must not lose the history before the checkpoint.
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, rec: dict) -> None:
         if self.enabled:
@@ -773,8 +776,8 @@ def _train(model_config, cfg, train_pieces, val_pieces, data, vocab_size, pad_id
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
 
     if master:
-        (out_dir / "train_config.json").write_text(cfg.to_json())
-        (out_dir / "model_config.json").write_text(model_config.to_json())
+        ckpt_mod.atomic_write_text(out_dir / "train_config.json", cfg.to_json())
+        ckpt_mod.atomic_write_text(out_dir / "model_config.json", model_config.to_json())
     metrics = _Metrics(out_dir / "metrics.jsonl", master, resume_step)
     autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.autocast)  # noqa: E731
 
