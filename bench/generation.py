@@ -138,22 +138,27 @@ def plan(quick: bool, piece: dict, piece_path: str) -> List[dict]:
 
 
 def _plot(results, path) -> bool:
+    """One panel per length: per-token latency (bin means) vs position, first/last 10% shaded."""
     plt = plt_agg()
-    if plt is None:
+    ok = [(cfg, res) for cfg, res in results if res.ok]
+    if plt is None or not ok:
         return False
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for cfg, res in results:
-        if res.ok:
-            b = res.data["bins_ms"]
-            step = cfg["n_new"] / len(b)
-            ax.plot([(i + 0.5) * step for i in range(len(b))], b, label=cfg["label"], lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("position of the generated token (log scale)")
-    ax.set_ylabel("ms per token (bin mean)")
-    ax.set_ylim(bottom=0)
-    ax.set_title("Per-token latency vs position, bounded caches (two-scale)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(ok), figsize=(4.2 * len(ok), 3.6), sharey=True, squeeze=False)
+    for ax, (cfg, res) in zip(axes[0], ok):
+        d, n = res.data, cfg["n_new"]
+        b = d["bins_ms"]
+        step = n / len(b)
+        ax.plot([(i + 0.5) * step for i in range(len(b))], b, lw=0.8, color="tab:blue")
+        for lo, hi, val, color in ((0, 0.1 * n, d["first10_ms"], "tab:green"), (0.9 * n, n, d["last10_ms"], "tab:red")):
+            ax.axvspan(lo, hi, color=color, alpha=0.12)
+            ax.hlines(val, lo, hi, color=color, lw=2)
+        ax.set_title(f"{n:,} tokens: last/first 10% = {d['last10_ms'] / d['first10_ms']:.2f}", fontsize=9)
+        ax.set_xlabel("index of the sampled token")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ms per token (bin mean)")
+    fig.suptitle("Per-token latency vs position with bounded caches (two-scale); "
+                 "shaded: first and last 10%, bars: their means", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -165,16 +170,17 @@ def _memory_note(rows) -> str:
     ok = [r for r in rows if r.get("peak MiB") is not None and r.get("MiB at end after malloc_trim") is not None]
     if len(ok) < 2:
         return ""
-    grow = ok[-1]["peak MiB"] / max(ok[0]["peak MiB"], 1e-9)
+    peaks = [r["peak MiB"] for r in ok]
+    trimmed = [r["MiB at end after malloc_trim"] for r in ok]
     return (
-        f"**Memory.** Peak RSS goes from {fmt(ok[0]['peak MiB'])} MiB ({ok[0]['tokens sampled']:,} tokens) to "
-        f"{fmt(ok[-1]['peak MiB'])} MiB ({ok[-1]['tokens sampled']:,} tokens), x{grow:.2f}, while RSS after "
-        f"`malloc_trim` stays at {fmt(ok[0]['MiB at end after malloc_trim'])}–{fmt(ok[-1]['MiB at end after malloc_trim'])} MiB: "
-        "the caches themselves are bounded (largest cache per layer is the same for every length). Any growth is "
-        "freed heap that glibc keeps: every decoding step allocates new cache tensors one slot larger than the "
-        "last (`torch.cat` of memory and the new key/value), so freed blocks are always slightly too small to "
-        "reuse. Preallocated per-layer decode buffers (capacity horizon + segment, written in place) would "
-        "remove it."
+        f"**Memory.** Peak RSS ranges from {fmt(min(peaks))} to {fmt(max(peaks))} MiB over the lengths "
+        f"({', '.join(fmt(p) for p in peaks)} MiB in table order), while RSS after `malloc_trim` stays at "
+        f"{fmt(min(trimmed))}–{fmt(max(trimmed))} MiB: the caches themselves are bounded (largest cache per layer "
+        "is the same for every length). The excess over the trimmed RSS is freed heap that glibc keeps, and "
+        "how much it keeps varies from run to run: inside a segment every decoding step allocates each layer's "
+        "new cache one slot larger than the last (`DSMRAttention` concatenates memory and the new key/value), "
+        "so freed blocks are always slightly too small to reuse. Preallocated per-layer decode buffers "
+        "(capacity horizon + segment, written in place) would remove it."
     )
 
 

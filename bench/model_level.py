@@ -248,7 +248,7 @@ def _plot(results, path) -> bool:
             ax.plot([(i + 1) * seg for i in range(len(t))], [1e3 * x for x in t], label=cfg["label"], lw=1.2)
     ax.set_xlabel("tokens streamed (end of segment)")
     ax.set_ylabel("ms per training step (fwd+bwd+AdamW, one segment)")
-    ax.set_title("Training step time along the piece, per schedule", fontsize=10)
+    ax.set_title("Training step time along the piece, per schedule (fastest round per segment)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
@@ -284,9 +284,10 @@ def render(results, quick: bool, piece: dict, out_dir, rounds: int) -> Section:
         "streamed, batch 1, one forward + backward + AdamW step (lr 3e-4) per segment, state carried across segments",
         "- one warm-up segment on a throw-away state first; tokens/s = streamed tokens / sum of step times",
         f"- {rounds} round(s): every schedule runs once per round in its own process (rounds alternate the "
-        "order); the table keeps each schedule's fastest round (interference only slows a round down) and "
-        "shows the range; `load (1 min) after` is the machine's load average when the process ended "
-        "(above the core count means other processes competed for the CPU)",
+        "order); with several rounds, tokens/s = streamed tokens / sum over segments of that segment's fastest "
+        "step across rounds (other processes only ever slow a step down), and `tokens/s over rounds` shows each "
+        "round's own value; `load (1 min) after` is the machine's load average when the process ended (above "
+        "the core count means other processes competed for the CPU)",
         f"- peak memory: {method}; each schedule runs in its own process",
         "- KV budget = sum of per-layer horizons (`dsmr.schedules.budget`, full = piece length per layer); "
         "all schedules but full are set to the two-scale budget with `dsmr.schedules.at_budget`",

@@ -109,14 +109,15 @@ def plan(quick: bool, piece: dict, piece_path: str) -> List[dict]:
     M = peer_memory(quick)
     base = {"model": MODEL, "vocab_size": piece["vocab_size"], "piece": piece_path,
             "n_segments": s["n_segments"], "precision": s["precision"]}
-    memories = [(f"M = {M}", M)] + ([] if quick else [(f"full (M = piece, {n_tokens:,})", None)])
+    memories = [(f"M = {M}", M)] + ([] if quick else [(f"whole piece ({n_tokens:,})", None)])
     out = []
     for label, m in memories:
+        mem_len = m if m is not None else n_tokens
         horizons = sch.uniform(MODEL["n_layers"], m) if m is not None else sch.full(MODEL["n_layers"])
         out.append({**base, "impl": "dsmr", "memory": label, "horizons": horizons,
-                    "label": f"DSMR {'uniform' if m else 'full'}, {label}"})
-        out.append({**base, "impl": "x-transformers", "memory": label, "mem_len": m if m is not None else n_tokens,
-                    "label": f"x-transformers max_mem_len, {label}"})
+                    "label": f"DSMR schedules.uniform(n, {m})" if m is not None else "DSMR schedules.full(n)"})
+        out.append({**base, "impl": "x-transformers", "memory": label, "mem_len": mem_len,
+                    "label": f"x-transformers max_mem_len={mem_len}"})
     return out
 
 
@@ -162,7 +163,8 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, rounds:
         "attn_flash=True, ...))`, called as `logits, mems = model(x, mems=mems, return_mems=True)`: caches hidden "
         "states and re-projects them to keys/values in every segment",
         "- each configuration in its own process; peak memory = peak RSS minus RSS before building the model",
-        f"- {rounds} round(s), alternating order; the fastest round of each configuration is kept, the range shown",
+        f"- {rounds} round(s), alternating order; with several rounds tokens/s uses each segment's fastest step "
+        "across rounds (as in the schedules table), `tokens/s over rounds` shows each round's own value",
         "",
         "## Results",
         "",
