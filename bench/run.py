@@ -59,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch threads for the generation section (default 1: batch-1 decoding is a chain of "
                         "tiny ops where a second thread saves little and a busy core stalls every op)")
     p.add_argument("--rounds", type=int, default=None,
-                   help="runs of every schedules/peer configuration, best kept (default: 2, quick: 1)")
+                   help="runs of every schedules/peer configuration; each segment keeps its fastest step (default: 2, quick: 1)")
     p.add_argument("--timeout", type=float, default=1200.0,
                    help="seconds one worker process may run before it is counted as failed (default 1200)")
     args = p.parse_args(argv)

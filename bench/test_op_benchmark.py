@@ -26,6 +26,8 @@ GRID = [
 def _run(benchmark, fn, flops):
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1, iterations=1)
     benchmark.extra_info["flops"] = flops
+    if benchmark.stats is None:  # --benchmark-disable: the call ran once, nothing was timed
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info["gflop_per_s"] = flops / median / 1e9 if median > 0 else None
 
