@@ -24,7 +24,7 @@ MODEL = dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, segment_len=512)
 def setting(quick: bool) -> dict:
     """Piece length and schedule sizes of a run. Quick mode streams fewer segments, shorter horizons."""
     if quick:
-        return dict(n_segments=12, long=2048, short=256, precision="bf16")
+        return dict(n_segments=8, long=2048, short=256, precision="bf16")
     return dict(n_segments=32, long=4096, short=512, precision="bf16")
 
 
