@@ -121,12 +121,14 @@ def generate(
         for s0 in range(0, full, S):
             logits, state = raw(toks[:, s0:s0 + S], state)  # (1, S, V), memory truncated
             track(state)
-            all_logits.append(logits[0])
+            if return_logits:  # only when asked: 64k tokens x vocab would pile up
+                all_logits.append(logits[0])
         if P > full:
             # A partial segment: keep its keys untruncated, later tokens of this segment see them.
             logits, state = raw(toks[:, full:], state, truncate=False)
             track(state)
-            all_logits.append(logits[0])
+            if return_logits:  # only when asked: 64k tokens x vocab would pile up
+                all_logits.append(logits[0])
         pos = P
         new, stopped = [], False
         from tqdm.auto import tqdm
@@ -143,7 +145,8 @@ def generate(
             logits, state = raw(step_in, state, truncate=False)
             pos += 1
             track(state)
-            all_logits.append(logits[0])
+            if return_logits:  # only when asked: 64k tokens x vocab would pile up
+                all_logits.append(logits[0])
             if pos % S == 0:
                 state = state.truncate(horizons)
     finally:
