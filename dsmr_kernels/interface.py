@@ -77,7 +77,7 @@ def segment_memory_attention(
     if chosen == "torch":
         from .torch_backend import torch_forward
 
-        out, lse = torch_forward(q, k, v, mem_k, mem_v, mem_len, scale, window, dims)
+        out, lse = torch_forward(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse=return_lse)
     else:
         if not triton_importable():
             raise ValueError('backend="triton" needs the triton package: pip install "dsmr[triton]"')
