@@ -33,6 +33,10 @@ in flash-decoding):
   ``P = exp(S - LSE_final)`` is the same per-part formula. ``dq`` sums over the parts, ``dk`` /
   ``dv`` come from the segment part alone (memory is detached state).
 
+**bf16** on the CPU takes :mod:`dsmr_kernels.torch_tiled` instead (same split-free key space, large
+batched bf16 GEMMs, fp32 softmax; see :data:`BF16_TILES`): ATen's kernel gains little from bf16 on
+CPUs without AMX, the tiled path is 1.1-2x faster than it there. fp32/fp16/fp64 stay on ATen.
+
 Other devices (CUDA without Triton, MPS, ...) take :func:`generic_forward`: public APIs only
 (``F.scaled_dot_product_attention`` over ``[valid memory; segment]`` with a boolean mask,
 gradients by autograd, LSE by a chunked matmul only when asked for).
@@ -51,6 +55,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ._validate import OpDims
+from .torch_tiled import TileConfig, tiled_backward, tiled_forward
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -107,6 +112,11 @@ class _MaskCache:
 
 
 _MASK_CACHE = _MaskCache(max_bytes=16 << 20, max_entry_bytes=4 << 20)
+
+#: Tile sizes of the bf16 CPU path (:mod:`dsmr_kernels.torch_tiled`); ``None`` sends bf16 through
+#: ATen's flash kernel like the other dtypes. The tiled path is 1.1-2x faster in bf16 on CPUs without
+#: AMX (bench/results/op.md); fp16 stays on ATen because CPU fp16 GEMMs are far slower than fp32 ones.
+BF16_TILES: Optional[TileConfig] = TileConfig()
 
 
 def mask_cache_nbytes() -> int:
@@ -184,12 +194,16 @@ class _Plan:
     window: Optional[int]
     R: int  # query rows that can see memory: S, or min(S, window - 1)
     runs: Tuple[Tuple[int, int, int], ...]  # (lane_begin, lane_end, L): lanes reading the newest L slots
+    lens: Tuple[int, ...] = ()  # valid memory slots any query of lane b can see (window-clipped)
+    tiles: Optional[TileConfig] = None  # set: the bf16 tiled path (torch_tiled) runs this call
 
 
-def _make_plan(dims: OpDims, mem_len: Optional[torch.Tensor], scale: float, window: Optional[int]) -> _Plan:
+def _make_plan(dims: OpDims, mem_len: Optional[torch.Tensor], scale: float, window: Optional[int],
+               dtype: torch.dtype) -> _Plan:
     B, S, M = dims.B, dims.S, dims.M
     R = S if window is None else min(S, window - 1)
     runs: List[Tuple[int, int, int]] = []
+    lens = [0] * B
     if M > 0 and B > 0 and R > 0:
         lens = [M] * B if mem_len is None else [int(x) for x in mem_len.tolist()]
         if window is not None:
@@ -200,7 +214,8 @@ def _make_plan(dims: OpDims, mem_len: Optional[torch.Tensor], scale: float, wind
                 if lens[b0] > 0:
                     runs.append((b0, b, lens[b0]))
                 b0 = b
-    return _Plan(B, dims.H, dims.Hkv, S, M, dims.D, dims.groups, scale, window, R, tuple(runs))
+    tiles = BF16_TILES if dtype == torch.bfloat16 and B > 0 else None
+    return _Plan(B, dims.H, dims.Hkv, S, M, dims.D, dims.groups, scale, window, R, tuple(runs), tuple(lens), tiles)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,12 +321,19 @@ def _cpu_backward(g, q, k, v, mem_k, mem_v, out, lse, plan: _Plan, need_q: bool,
     return (dq if need_q else None), (dk if need_kv else None), (dv if need_kv else None)
 
 
+def _cpu_forward_any(q, k, v, mem_k, mem_v, plan: _Plan):
+    if plan.tiles is not None:
+        return tiled_forward(q, k, v, mem_k, mem_v, list(plan.lens), plan.M, plan.scale, plan.window,
+                             _MASK_CACHE, plan.tiles)
+    return _cpu_forward(q, k, v, mem_k, mem_v, plan)
+
+
 class _SegmentMemoryAttentionCPU(torch.autograd.Function):
     """Autograd wrapper: forward and backward by ATen's CPU flash kernels, LSE non-differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, mem_k, mem_v, plan):
-        out, lse = _cpu_forward(q, k, v, mem_k, mem_v, plan)
+        out, lse = _cpu_forward_any(q, k, v, mem_k, mem_v, plan)
         ctx.save_for_backward(q, k, v, mem_k, mem_v, out, lse)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
@@ -323,7 +345,12 @@ class _SegmentMemoryAttentionCPU(torch.autograd.Function):
         q, k, v, mem_k, mem_v, out, lse = ctx.saved_tensors
         need_q = ctx.needs_input_grad[0]
         need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = _cpu_backward(grad_out, q, k, v, mem_k, mem_v, out, lse, ctx.plan, need_q, need_kv)
+        p = ctx.plan
+        if p.tiles is not None:
+            dq, dk, dv = tiled_backward(grad_out, q, k, v, mem_k, mem_v, out, lse, list(p.lens), p.M, p.scale,
+                                        p.window, _MASK_CACHE, need_q, need_kv, p.tiles)
+        else:
+            dq, dk, dv = _cpu_backward(grad_out, q, k, v, mem_k, mem_v, out, lse, p, need_q, need_kv)
         dk = dk if ctx.needs_input_grad[1] else None
         dv = dv if ctx.needs_input_grad[2] else None
         return dq, dk, dv, None, None, None
@@ -431,7 +458,7 @@ def torch_forward(
         return generic_forward(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse)
     if mem_k is not None and dims.M == 0:
         mem_k = mem_v = None
-    plan = _make_plan(dims, mem_len, scale, window)
+    plan = _make_plan(dims, mem_len, scale, window, q.dtype)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SegmentMemoryAttentionCPU.apply(q, k, v, mem_k, mem_v, plan)
-    return _cpu_forward(q, k, v, mem_k, mem_v, plan)
+    return _cpu_forward_any(q, k, v, mem_k, mem_v, plan)

@@ -170,12 +170,13 @@ def test_return_lse(path, window):
         assert max_err(l0, r0) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("window", [None, 3, 7])
-def test_garbage_in_invalid_slots_reaches_neither_output_nor_grads(path, window):
+def test_garbage_in_invalid_slots_reaches_neither_output_nor_grads(path, window, dtype):
     lens = [0, 3, 8, 5]
-    q, k, v, mk, mv, ml = make_inputs(4, 4, 2, 6, 8, 8, torch.float32, mem_len=lens, requires_grad=False)
-    do = torch.randn(4, 4, 6, 8)
+    q, k, v, mk, mv, ml = make_inputs(4, 4, 2, 6, 8, 8, dtype, mem_len=lens, requires_grad=False)
+    do = torch.randn(4, 4, 6, 8).to(dtype)
     clean = forward_backward(PATHS[path], q, k, v, mk, mv, ml, do, window=window)
     mk2, mv2 = mk.clone(), mv.clone()
     for b, n in enumerate(lens):
@@ -235,11 +236,12 @@ def test_mask_cache_is_bounded_in_bytes():
     assert big.numel() == 1 << 20 and cache.nbytes <= cache.max_bytes
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("window", [None, 6])
-def test_backward_keeps_no_copy_of_the_memory(window):
+def test_backward_keeps_no_copy_of_the_memory(window, dtype):
     """Saved-for-backward tensors: views of the inputs, plus out and lse; nothing of size M."""
     B, H, Hkv, S, M, D = 4, 4, 2, 8, 256, 16
-    q, k, v, mk, mv, ml = make_inputs(B, H, Hkv, S, M, D, torch.float32, mem_len=[0, 80, 170, 256])
+    q, k, v, mk, mv, ml = make_inputs(B, H, Hkv, S, M, D, dtype, mem_len=[0, 80, 170, 256])
     inputs = {t.untyped_storage().data_ptr() for t in (q, k, v, mk, mv)}
     extra = []
 
@@ -261,5 +263,88 @@ def test_backward_keeps_no_copy_of_the_memory(window):
 def test_segment_backward_folded_and_repeated_gqa(threads, dtype, monkeypatch):
     """The segment backward folds GQA heads when B * Hkv >= threads, else repeats the keys."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the heuristic reads
+    monkeypatch.setattr(tb, "BF16_TILES", None)  # bf16 through ATen's kernel too
     _check_against_golden(_torch_op, dtype, 2, 8, 2, 33, 20, 16, None, mem_len=[20, 7])
     _check_against_golden(_torch_op, dtype, 2, 8, 2, 33, 20, 16, 9, mem_len=[20, 7])
+
+
+# ------------------------------------------------------------------------------------------
+# The bf16 tiled path (torch_tiled): default for bf16 on the CPU
+# ------------------------------------------------------------------------------------------
+TILED_CASES = list(
+    itertools.product(
+        [(8, 16, 1 << 22), (5, 7, 64)],  # (rows, cols, tile_elems): many tiles; 64 also splits lane groups
+        [4, 1],  # Hkv (H = 4)
+        [17, 64],  # S
+        [5, 100],  # M (B = 3 lanes read [0, M/2, M] slots)
+        [None, 1, 24],  # window
+    )
+)
+
+
+@pytest.mark.parametrize("tiles,Hkv,S,M,window", TILED_CASES)
+def test_tiled_bf16_path_with_small_tiles(tiles, Hkv, S, M, window, monkeypatch):
+    """Small tiles force multi-tile online softmax, several row blocks, edge masks and lane groups."""
+    from dsmr_kernels.torch_tiled import TileConfig
+
+    monkeypatch.setattr(tb, "BF16_TILES", TileConfig(*tiles))
+    _check_against_golden(_torch_op, torch.bfloat16, 3, 4, Hkv, S, M, 16, window, seed=S + M)
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_tiled_bf16_path_default_tiles_medium_shape(window):
+    """Default tiles on a shape that needs two row blocks and two memory tiles (S = 300, M = 700)."""
+    _check_against_golden(_torch_op, torch.bfloat16, 2, 4, 2, 300, 700, 64, window, mem_len=[700, 333])
+
+
+def test_tiled_bf16_path_is_the_default_and_can_be_turned_off(monkeypatch):
+    from dsmr_kernels import torch_tiled
+
+    calls = []
+    real = torch_tiled.tiled_forward
+    monkeypatch.setattr(tb, "tiled_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, k, v, mk, mv, ml = make_inputs(2, 4, 2, 9, 6, 16, torch.bfloat16, requires_grad=False)
+    a = _torch_op(q, k, v, mk, mv, ml)
+    assert len(calls) == 1
+    _torch_op(q.float(), k.float(), v.float(), mk.float(), mv.float(), ml)
+    _torch_op(q.half(), k.half(), v.half(), mk.half(), mv.half(), ml)
+    assert len(calls) == 1  # fp32 and fp16 stay on ATen's kernel
+    monkeypatch.setattr(tb, "BF16_TILES", None)
+    b = _torch_op(q, k, v, mk, mv, ml)
+    assert len(calls) == 1
+    assert max_err(a, b) < 0.05  # same op through two paths, each within bf16 rounding
+
+
+def test_tiled_lane_groups_respect_the_tile_budget():
+    from dsmr_kernels.torch_tiled import _lane_groups
+
+    assert list(_lane_groups([5, 5, 5, 0, 0, 5], per_lane=10, budget=20)) == [
+        (0, 2, 5), (2, 3, 5), (3, 5, 0), (5, 6, 5)
+    ]
+    assert list(_lane_groups([3, 3], per_lane=100, budget=10)) == [(0, 1, 3), (1, 2, 3)]  # never split a lane
+
+
+def test_tiled_tiles_cover_exactly_the_visible_keys():
+    """Every visible (row, key) pair of a row block is in exactly one tile, unmasked; nothing else is."""
+    from dsmr_kernels.torch_tiled import _tiles
+
+    for L, S, window, rows, cols in [(7, 9, None, 4, 3), (20, 11, 6, 5, 4), (0, 8, 3, 3, 2), (3, 5, 1, 2, 2)]:
+        for r0 in range(0, S, rows):
+            r1 = min(S, r0 + rows)
+            seen = torch.zeros(r1 - r0, L + S, dtype=torch.int32)
+            for t in _tiles(L, r0, r1, window, cols):
+                assert t.part == ("mem" if t.j1 <= L else "seg") and (t.j0 >= L) == (t.part == "seg")
+                i = torch.arange(r1 - r0)[:, None]
+                c = torch.arange(t.j1 - t.j0)[None, :]
+                vis = torch.ones(r1 - r0, t.j1 - t.j0, dtype=torch.bool)
+                if t.d is not None:
+                    vis = (c - i) <= t.d
+                    if window is not None:
+                        vis &= (i - c + t.d) < window
+                seen[:, t.j0:t.j1] += vis.int()
+            i = torch.arange(r0, r1)[:, None]
+            j = torch.arange(L + S)[None, :]
+            want = j <= L + i
+            if window is not None:
+                want &= (L + i - j) < window
+            assert torch.equal(seen, want.int()), (L, S, window, rows, cols, r0)

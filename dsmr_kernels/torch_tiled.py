@@ -1,0 +1,271 @@
+"""bf16 CPU path: flash-attention-2 written with large batched tiles in plain PyTorch.
+
+Why this exists: ATen's CPU flash kernel issues many small per-tile GEMMs (64 query rows x 512
+keys) and converts every score tile, so on CPUs without AMX its bf16 path is hardly faster than
+its fp32 path. Large bf16 GEMMs are 2-3x faster than fp32 ones on AVX512-BF16 hardware. Here each
+tile is one batched GEMM over every (lane, kv head) of a group of lanes, ``R`` query rows and ``C``
+keys (512 x 512 by default), so the GEMMs run near the machine's bf16 peak, and the softmax work
+around them is a handful of vectorized fp32 passes (``exp2`` with the scale folded into the GEMM).
+
+Semantics are the op's (see :mod:`dsmr_kernels.reference`): keys are ``[valid memory; segment]``
+read in place from ``mem_k``/``mem_v`` and ``k``/``v`` (never concatenated); GQA folds the ``G``
+query heads of a kv head into the row axis (rows ``g*R + r``), so keys are never repeated and
+``dK``/``dV`` sum over the group inside the GEMM. Tiles wholly outside the causal/window band are
+never visited; tiles crossing its edge add a cached ``(R, C)`` additive mask.
+
+Precision: scores come out of the GEMM in bf16 (like the reference's bf16 matmul), softmax
+statistics, ``exp2`` and all accumulators are fp32, probabilities are rounded to bf16 for the
+``P @ V`` GEMM (as in the reference). The output, LSE and gradients are rounded once at the end.
+
+Memory: temporaries are bounded by ``tile_elems`` score entries per tile (lanes are processed
+in groups to respect it), independent of the memory length M.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+_LOG2E = 1.0 / math.log(2.0)
+_LN2 = math.log(2.0)
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes of the bf16 path.
+
+    ``rows``: query rows per tile (per head); ``cols``: keys per tile; ``tile_elems``: the most
+    score entries one tile may hold across its batch of (lane, head) slabs (lanes are split into
+    groups to respect it; one lane is never split, so the bound is ``max(tile_elems, H*rows*cols)``).
+    """
+
+    rows: int = 256
+    cols: int = 512
+    tile_elems: int = 1 << 22
+
+
+DEFAULT_TILES = TileConfig()
+
+
+@dataclass(frozen=True)
+class _Tile:
+    part: str  # "mem" or "seg"
+    j0: int  # first key, in the concatenated [valid memory; segment] coordinate
+    j1: int
+    d: Optional[int]  # mask offset (L + r0 - j0) when the tile crosses the band edge, else None
+
+
+def _tiles(L: int, r0: int, r1: int, window: Optional[int], cols: int) -> List[_Tile]:
+    """Key tiles seen by query rows ``[r0, r1)`` of a lane with ``L`` valid memory slots.
+
+    Query ``i`` (absolute position ``L + i``) sees key ``j`` iff ``j <= L + i`` and, with a
+    window, ``L + i - j < window``. Only keys some row of the block sees are visited.
+    """
+    lo = 0 if window is None else max(0, L + r0 - window + 1)
+    hi = L + r1
+    tiles = []
+    for part, a, b in (("mem", lo, min(hi, L)), ("seg", max(lo, L), hi)):
+        j0 = a
+        while j0 < b:
+            j1 = min(j0 + cols, b)
+            full = j1 - 1 <= L + r0 and (window is None or (L + r1 - 1) - j0 < window)
+            tiles.append(_Tile(part, j0, j1, None if full else L + r0 - j0))
+            j0 = j1
+    return tiles
+
+
+def _tile_mask(R: int, C: int, d: int, window: Optional[int], device, cache) -> torch.Tensor:
+    """Additive fp32 ``(R, C)`` mask: row ``i`` sees column ``t`` iff ``t - i <= d`` and
+    ``i - t + d < window``."""
+
+    def build():
+        i = torch.arange(R, device=device)[:, None]
+        t = torch.arange(C, device=device)[None, :]
+        hidden = (t - i) > d
+        if window is not None:
+            hidden |= (i - t + d) >= window
+        return torch.zeros(R, C, device=device).masked_fill_(hidden, _NEG_INF)
+
+    return cache.get(("tile", R, C, d, window, str(device)), build)
+
+
+def _lane_groups(lens: List[int], per_lane: int, budget: int) -> Iterator[Tuple[int, int, int]]:
+    """``(b0, b1, L)``: consecutive lanes with the same ``L``, at most ``budget // per_lane`` each."""
+    cap = max(1, budget // max(1, per_lane))
+    b0 = 0
+    B = len(lens)
+    for b in range(1, B + 1):
+        if b == B or lens[b] != lens[b0] or b - b0 == cap:
+            yield b0, b, lens[b0]
+            b0 = b
+
+
+def _fold_rows(x: torch.Tensor, b0: int, b1: int, r0: int, r1: int, Hkv: int) -> torch.Tensor:
+    """``x[b0:b1, :, r0:r1]`` of shape (nb, H, R, ...) as (nb*Hkv, G*R, ...): group heads become rows."""
+    blk = x[b0:b1, :, r0:r1]
+    nb, H, R = blk.shape[:3]
+    return blk.reshape(nb * Hkv, (H // Hkv) * R, *blk.shape[3:])
+
+
+def _keys(part: str, j0: int, j1: int, L: int, M: int, seg: torch.Tensor, mem: Optional[torch.Tensor],
+          b0: int, b1: int, pack: bool = True) -> torch.Tensor:
+    """(nb*Hkv, j1 - j0, D) view of the tile's keys (or values), read from their own tensor."""
+    if part == "mem":
+        t = mem[b0:b1, :, M - L + j0:M - L + j1]
+    else:
+        t = seg[b0:b1, :, j0 - L:j1 - L]
+    # Packed (batch stride C*D) tiles let the bf16 GEMM read K^T without its own, slower transposing copy.
+    t = t.flatten(0, 1)
+    return t.contiguous() if pack else t
+
+
+class _Workspace:
+    """Reused tile buffers: fresh multi-MB tensors per tile would page-fault on every first touch
+    (large CPU allocations go straight back to the OS), which tripled the cost of each pass."""
+
+    def __init__(self, elems: int, device, n16: int, n32: int, dtype):
+        self.b16 = [torch.empty(elems, dtype=dtype, device=device) for _ in range(n16)]
+        self.b32 = [torch.empty(elems, dtype=torch.float32, device=device) for _ in range(n32)]
+
+    @staticmethod
+    def view(buf: torch.Tensor, shape) -> torch.Tensor:
+        return buf[: math.prod(shape)].view(shape)
+
+
+def _scores(qf, kt, c: float, mask: Optional[torch.Tensor], G: int, s16: torch.Tensor, s32: torch.Tensor):
+    """fp32 scores in log2 units ``c * q @ k^T`` (+ mask) into ``s32``; the GEMM runs in the input
+    dtype into ``s16`` (both flat buffers)."""
+    n, GR, C = qf.shape[0], qf.shape[1], kt.shape[1]
+    a = _Workspace.view(s16, (n, GR, C))
+    torch.baddbmm(a, qf, kt.transpose(1, 2), beta=0.0, alpha=c, out=a)
+    f = _Workspace.view(s32, (n, GR, C))
+    f.copy_(a)
+    if mask is not None:
+        # In place on the fp32 copy: a mixed bf16 + fp32 broadcast add takes a ~20x slower path.
+        f.view(n, G, GR // G, C).add_(mask)
+    return f
+
+
+@torch.no_grad()
+def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, window: Optional[int],
+                  cache, tiles: TileConfig = DEFAULT_TILES):
+    """Forward. q: (B, H, S, D); k, v: (B, Hkv, S, D); mem_k, mem_v: (B, Hkv, M, D) or None.
+
+    ``lens[b]``: valid memory slots of lane ``b`` (already clipped to ``window - 1``).
+    Returns ``out`` (B, H, S, D) in q.dtype and ``lse`` (B, H, S) fp32 (natural log).
+    """
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    c = scale * _LOG2E
+    R = min(S, tiles.rows)
+    out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
+    ws = _Workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 1, 1, q.dtype)
+    for b0, b1, L in groups:
+        nb = b1 - b0
+        for r0 in range(0, S, R):
+            r1 = min(S, r0 + R)
+            Rb = r1 - r0
+            qf = _fold_rows(q, b0, b1, r0, r1, Hkv)
+            m = l = acc = None
+            for t in _tiles(L, r0, r1, window, tiles.cols):
+                mask = None if t.d is None else _tile_mask(Rb, t.j1 - t.j0, t.d, window, q.device, cache)
+                kt = _keys(t.part, t.j0, t.j1, L, M, k, mem_k, b0, b1)
+                vt = _keys(t.part, t.j0, t.j1, L, M, v, mem_v, b0, b1)
+                s = _scores(qf, kt, c, mask, G, ws.b16[0], ws.b32[0])
+                m_tile = s.amax(-1)
+                m_new = m_tile if m is None else torch.maximum(m, m_tile)
+                # Rows that see nothing yet have m_new = -inf; subtract 0 there so exp2 gives 0, not NaN.
+                m_sub = m_new if mask is None else torch.where(
+                    m_new == _NEG_INF, torch.zeros((), device=q.device), m_new)
+                p = s.sub_(m_sub.unsqueeze(-1)).exp2_()
+                p16 = _Workspace.view(ws.b16[0], p.shape).copy_(p)
+                pv = torch.bmm(p16, vt)
+                if m is None:
+                    l = p.sum(-1)
+                    acc = pv.float()
+                else:
+                    alpha = torch.exp2(m - m_sub)
+                    l = l.mul_(alpha).add_(p.sum(-1))
+                    acc = acc.mul_(alpha.unsqueeze(-1)).add_(pv)
+                m = m_new
+            # Every query sees at least its own key, so l > 0 on every row.
+            o = acc.div_(l.unsqueeze(-1))
+            out[b0:b1, :, r0:r1] = o.view(nb, H, Rb, D)
+            lse[b0:b1, :, r0:r1] = (m + torch.log2(l)).mul_(_LN2).view(nb, H, Rb)
+    return out, lse
+
+
+@torch.no_grad()
+def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, scale: float,
+                   window: Optional[int], cache, need_q: bool, need_kv: bool,
+                   tiles: TileConfig = DEFAULT_TILES):
+    """Backward (FA2 style, recomputing scores): returns ``(dq, dk, dv)`` in q.dtype (None if not needed).
+
+    g, out: (B, H, S, D); lse: (B, H, S) fp32 natural log, the *final* one from the forward.
+    ``dS = P * (dP - rowsum(dO * O))``; dq over all tiles, dk/dv from segment tiles only.
+    """
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    c = scale * _LOG2E
+    R = min(S, tiles.rows)
+    dt = q.dtype
+    delta = (g.float() * out.float()).sum(-1)  # (B, H, S)
+    lse2 = lse.float() * _LOG2E
+    dq = torch.empty(B, H, S, D, dtype=dt, device=q.device) if need_q else None
+    dk_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
+    dv_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
+    groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
+    ws = _Workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 2, 2, dt)
+    for b0, b1, L in groups:
+        nb = b1 - b0
+        kv_rows = slice(b0 * Hkv, b1 * Hkv)
+        for r0 in range(0, S, R):
+            r1 = min(S, r0 + R)
+            Rb = r1 - r0
+            qf = _fold_rows(q, b0, b1, r0, r1, Hkv)
+            gf = _fold_rows(g, b0, b1, r0, r1, Hkv).to(dt)
+            lf = _fold_rows(lse2, b0, b1, r0, r1, Hkv).unsqueeze(-1)
+            # dP - delta comes out of one GEMM: [dO, -delta_hi, -delta_lo] @ [V, 1, 1]^T. The GEMM
+            # accumulates in fp32 and rounds once, so the bf16 rounding is relative to |dP - delta|,
+            # not |dP|: no cancellation when a row's probability mass sits on few keys (delta ~ dP).
+            df = _fold_rows(delta, b0, b1, r0, r1, Hkv)
+            d_hi = df.to(dt)
+            d_lo = (df - d_hi.float()).to(dt)
+            ga = torch.cat([gf, -d_hi.unsqueeze(-1), -d_lo.unsqueeze(-1)], dim=-1)
+            dq_acc = None
+            for t in _tiles(L, r0, r1, window, tiles.cols):
+                seg = t.part == "seg"
+                if not need_q and not seg:
+                    continue
+                mask = None if t.d is None else _tile_mask(Rb, t.j1 - t.j0, t.d, window, q.device, cache)
+                kt = _keys(t.part, t.j0, t.j1, L, M, k, mem_k, b0, b1)
+                vt = _keys(t.part, t.j0, t.j1, L, M, v, mem_v, b0, b1, pack=False)
+                p = _scores(qf, kt, c, mask, G, ws.b16[0], ws.b32[0]).sub_(lf).exp2_()  # final-LSE probabilities
+                shape = p.shape
+                pb = _Workspace.view(ws.b16[0], shape).copy_(p)
+                va = torch.empty(vt.shape[0], vt.shape[1], D + 2, dtype=dt, device=q.device)
+                va[..., :D] = vt
+                va[..., D:] = 1
+                dp = _Workspace.view(ws.b16[1], shape)
+                torch.bmm(ga, va.transpose(1, 2), out=dp)  # dP - delta
+                ds = _Workspace.view(ws.b32[1], shape).copy_(dp).mul_(p)
+                dsb = dp.copy_(ds)
+                if need_q:
+                    part = torch.bmm(dsb, kt)
+                    dq_acc = part.float() if dq_acc is None else dq_acc.add_(part)
+                if seg and need_kv:
+                    cols = slice(t.j0 - L, t.j1 - L)
+                    dv_acc[kv_rows, cols].add_(torch.bmm(pb.transpose(1, 2), gf))
+                    dk_acc[kv_rows, cols].add_(torch.bmm(dsb.transpose(1, 2), qf))
+            if need_q:
+                dq[b0:b1, :, r0:r1] = dq_acc.mul_(scale).view(nb, H, Rb, D)
+    dk = dk_acc.mul_(scale).view(B, Hkv, S, D).to(dt) if need_kv else None
+    dv = dv_acc.view(B, Hkv, S, D).to(dt) if need_kv else None
+    return dq, dk, dv
