@@ -14,7 +14,7 @@ Masked-out entries are not counted, so a kernel that wastes time on them scores 
 ceiling is the same run's GFLOP/s of a 2048 x 2048 @ 2048 x 2048 matmul in that dtype, timed
 interleaved with the attention calls (best rate over the section).
 
-A second, smaller table diagnoses the bf16 result of the torch path (see ``diagnose_bf16``).
+A second, smaller table shows where the bf16 gain of the torch path comes from (see ``diagnose_bf16``).
 """
 from __future__ import annotations
 
@@ -163,32 +163,47 @@ def measure_config(M: int, reps: int):
 
 
 def diagnose_bf16(reps: int, threads: int) -> List[dict]:
-    """Why is (or isn't) bf16 faster than fp32 in the torch path? Time the pieces at M = 4096.
+    """Where the bf16 gain of the torch path comes from. Times the pieces at M = 4096.
 
-    * ``op (torch)``: the public op.
-    * ``aten flash_for_cpu``: the ATen CPU flash kernel the torch path calls, on pre-concatenated
-      keys with the additive causal mask (isolates the op's own overhead: cat, mask, reshape).
-    * ``F.sdpa``: ``scaled_dot_product_attention`` with the same mask (the dispatcher's choice).
+    * ``op (torch)``: the public op (bf16: the tiled path of ``dsmr_kernels.torch_tiled``).
+    * ``op (torch) through ATen's flash kernel``: the same op with ``BF16_TILES = None``, i.e. bf16
+      through ``_scaled_dot_product_flash_attention_for_cpu`` like fp32 (the pre-tiled behaviour).
     * ``matmuls only``: QK^T and PV as two batched matmuls with no softmax — what the attention
       FLOPs cost at full-matrix matmul speed, the bound a kernel could approach.
-    * the same flash kernel with one thread (is the bf16 gap a threading effect?).
+    * the GEMM shapes each path issues, timed alone with one thread: ATen's 64-query x 512-key tile
+      GEMMs, and the tiled path's batched 256 x 512 tiles over all heads.
     """
-    import torch.nn.functional as F
-
     from dsmr_kernels import segment_memory_attention
+    from dsmr_kernels import torch_backend as tb
 
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     M = 4096
-    i = torch.arange(S)[:, None]
-    j = torch.arange(M + S)[None, :]
+    tiles = tb.BF16_TILES or __import__("dsmr_kernels.torch_tiled", fromlist=["TileConfig"]).TileConfig()
     rows = []
     fns: Dict[str, Callable] = {}
+
+    def through_aten(f):
+        def g():
+            saved, tb.BF16_TILES = tb.BF16_TILES, None
+            try:
+                f()
+            finally:
+                tb.BF16_TILES = saved
+        return g
+
+    def one_thread(f):
+        def g():
+            torch.set_num_threads(1)
+            try:
+                f()
+            finally:
+                torch.set_num_threads(threads)
+        return g
+
     for name, dtype in DTYPES.items():
         q, k, v, mem_k, mem_v, grad_out = _inputs(M, dtype)
-        keys = torch.cat([mem_k, k.detach()], 2).requires_grad_()
-        vals = torch.cat([mem_v, v.detach()], 2).requires_grad_()
-        mask = torch.zeros(S, M + S, dtype=dtype).masked_fill_(~(j <= M + i), float("-inf"))
-        qd, kt, vd = q.detach(), keys.detach().transpose(-1, -2).contiguous(), vals.detach()
+        keys = torch.cat([mem_k, k.detach()], 2)
+        vals = torch.cat([mem_v, v.detach()], 2)
+        qd, kt, vd = q.detach(), keys.transpose(-1, -2).contiguous(), vals
         scores = torch.empty(B, H, S, M + S, dtype=dtype)
 
         def op_fwd(q=q, k=k, v=v, mk=mem_k, mv=mem_v):
@@ -199,59 +214,41 @@ def diagnose_bf16(reps: int, threads: int) -> List[dict]:
             q.grad = k.grad = v.grad = None
             segment_memory_attention(q, k, v, mk, mv, backend="torch").backward(g)
 
-        def fl_fwd(q=q, kk=keys, vv=vals, m=mask):
-            with torch.no_grad():
-                flash(q, kk, vv, 0.0, False, attn_mask=m)
-
-        def fl_fb(q=q, kk=keys, vv=vals, m=mask, g=grad_out):
-            q.grad = kk.grad = vv.grad = None
-            flash(q, kk, vv, 0.0, False, attn_mask=m)[0].backward(g)
-
-        def sdpa_fwd(q=q, kk=keys, vv=vals, m=mask):
-            with torch.no_grad():
-                F.scaled_dot_product_attention(q, kk, vv, attn_mask=m)
-
-        def sdpa_fb(q=q, kk=keys, vv=vals, m=mask, g=grad_out):
-            q.grad = kk.grad = vv.grad = None
-            F.scaled_dot_product_attention(q, kk, vv, attn_mask=m).backward(g)
-
         def mm_only(qd=qd, kt=kt, vd=vd, sc=scores):
             torch.matmul(qd, kt, out=sc)
             torch.matmul(sc, vd)
 
-        def one_thread(f):
-            def g():
-                torch.set_num_threads(1)
-                try:
-                    f()
-                finally:
-                    torch.set_num_threads(threads)
-            return g
-
-        # The flash kernel walks (64-query x 512-key) tiles and issues one small single-threaded
-        # GEMM per tile for QK^T and one for PV; time the same GEMMs on their own.
+        # ATen's kernel walks (64-query x 512-key) tiles with one small GEMM per tile for QK^T and
+        # one for PV; the tiled path does one batched GEMM over all heads per (rows x cols) tile.
         n_tiles = B * H * (S // TILE_Q) * -(-(M + S) // TILE_KV)
         qa, kb = torch.randn(TILE_Q, D).to(dtype), torch.randn(D, TILE_KV).to(dtype)
         pa, vb = torch.randn(TILE_Q, TILE_KV).to(dtype), torch.randn(TILE_KV, D).to(dtype)
+        n_big = -(-S // tiles.rows) * -(-(M + S) // tiles.cols)
+        qb, kbb = torch.randn(B * H, tiles.rows, D).to(dtype), torch.randn(B * H, D, tiles.cols).to(dtype)
+        pb, vbb = torch.randn(B * H, tiles.rows, tiles.cols).to(dtype), torch.randn(B * H, tiles.cols, D).to(dtype)
 
-        def tile_gemms(qa=qa, kb=kb, pa=pa, vb=vb, n=n_tiles):
+        def aten_tile_gemms(qa=qa, kb=kb, pa=pa, vb=vb, n=n_tiles):
             for _ in range(n):
                 torch.mm(qa, kb)
                 torch.mm(pa, vb)
+
+        def tiled_gemms(qb=qb, kb=kbb, pb=pb, vb=vbb, n=n_big):
+            for _ in range(n):
+                torch.bmm(qb, kb)
+                torch.bmm(pb, vb)
 
         big_a, big_b = torch.randn(CEILING_N, CEILING_N).to(dtype), torch.randn(CEILING_N, CEILING_N).to(dtype)
 
         for label, f in [
             ("op (torch) fwd", op_fwd),
             ("op (torch) fwd+bwd", op_fb),
-            ("aten flash_for_cpu fwd", fl_fwd),
-            ("aten flash_for_cpu fwd+bwd", fl_fb),
-            ("F.sdpa fwd", sdpa_fwd),
-            ("F.sdpa fwd+bwd", sdpa_fb),
+            ("op (torch) through ATen's flash kernel, fwd", through_aten(op_fwd)),
+            ("op (torch) through ATen's flash kernel, fwd+bwd", through_aten(op_fb)),
             ("matmuls only (QK^T, PV over all M+S keys) fwd", mm_only),
-            ("aten flash_for_cpu fwd, 1 thread", one_thread(fl_fwd)),
-            (f"tile GEMMs only ({TILE_Q}x{D} @ {D}x{TILE_KV}, {TILE_Q}x{TILE_KV} @ {TILE_KV}x{D}) x {n_tiles}, 1 thread",
-             one_thread(tile_gemms)),
+            (f"ATen tile GEMMs ({TILE_Q}x{D} @ {D}x{TILE_KV}, {TILE_Q}x{TILE_KV} @ {TILE_KV}x{D}) x {n_tiles}, "
+             "1 thread", one_thread(aten_tile_gemms)),
+            (f"tiled-path GEMMs ({B * H} x {tiles.rows}x{D} @ {D}x{tiles.cols}, {tiles.rows}x{tiles.cols} @ "
+             f"{tiles.cols}x{D}) x {n_big}, 1 thread", one_thread(tiled_gemms)),
             (f"dense {CEILING_N} matmul, 1 thread", one_thread(lambda a=big_a, b=big_b: torch.mm(a, b))),
         ]:
             fns[f"{label}|{name}"] = f
@@ -422,7 +419,7 @@ def _render(rows, ceilings, diag, quick) -> Section:
     ]
     if diag:
         dt = Table(list(diag[0].keys()), diag)
-        md += ["", "## bf16 vs fp32 in the torch path: where the time goes (M = 4096)", "", dt.markdown(), "",
+        md += ["", "## bf16 vs fp32 in the torch path: where the gain comes from (M = 4096)", "", dt.markdown(), "",
                _diagnosis_text(diag, ceilings)]
     csv = main.csv()
     return Section("op", "Op benchmark: segment_memory_attention", "\n".join(md), csv)
@@ -434,39 +431,24 @@ def _diagnosis_text(diag: List[dict], ceilings: Dict[str, float]) -> str:
         row = next((d for d in diag if d["variant (M = 4096)"].startswith(prefix)), {})
         return fmt(row.get("bf16 speedup (t_fp32 / t_bf16)"))
 
+    aten_fb = gain("op (torch) through ATen's flash kernel, fwd+bwd")
     return (
-        "**Reading.** bf16 pays off for large GEMMs on this CPU (dense 2048 matmul: "
-        f"{gain('dense')}x with one thread; the same-run ceilings differ by "
-        f"{ceilings.get('bf16', float('nan')) / ceilings.get('fp32', float('nan')):.1f}x) and for the attention "
-        f"matmuls done as two big batched matmuls ({gain('matmuls only')}x), but ATen's CPU flash kernel, which the "
-        f"torch path calls, gains {gain('aten flash_for_cpu fwd')}x forward and "
-        f"{gain('aten flash_for_cpu fwd+bwd')}x forward+backward ({gain('aten flash_for_cpu fwd, 1 thread')}x "
-        f"with one thread, so it is not a threading effect; `F.sdpa` dispatches to the same kernel: "
-        f"{gain('F.sdpa fwd')}x). Comparing `op (torch)` with `aten flash_for_cpu` shows what the op's own work "
-        "around the kernel (splitting memory and segment, masks, merging) adds or saves. The kernel walks 64-query x 512-key tiles and issues one "
-        "small GEMM per tile for QK^T and one for PV, with an fp32 online softmax in between that costs the "
-        f"same in both dtypes. Timed alone (as `torch.mm`, one thread), GEMMs of those tile shapes gain only "
-        f"{gain('tile GEMMs')}x in bf16: at that size a bf16 GEMM's fixed per-call cost eats most of what "
-        "AVX-512 BF16 saves on arithmetic, and the kernel adds bf16<->fp32 conversions of every score tile "
-        "(scores and gradients are accumulated in fp32, probabilities converted to bf16 for PV). In the ATen "
-        "source (`aten/src/ATen/native/cpu/FlashAttentionKernel.cpp`), the packed brgemm path that could "
-        "amortize this is enabled for fp16 only, and only where oneDNN reports that packing pays (AMX); bf16 "
-        "always takes per-tile `cpublas::gemm` calls. So on this CPU bf16 attention through ATen "
-        f"{_verdict(diag)}, far from the gain of a dense bf16 GEMM; bf16 autocast still pays off for the model's "
-        "dense layers (schedules table)."
+        "**Reading.** fp32 runs through ATen's CPU flash kernel in every row; bf16 runs through the tiled "
+        "path (`dsmr_kernels/torch_tiled.py`) in the `op (torch)` rows and through ATen's kernel in the "
+        f"`through ATen` rows. bf16 pays off for large GEMMs on this CPU (dense {CEILING_N} matmul: "
+        f"{gain('dense')}x with one thread; matmuls of the attention done as two big batched matmuls: "
+        f"{gain('matmuls only')}x), but ATen's kernel gains only {gain('op (torch) through ATen')}x forward and "
+        f"{aten_fb}x forward+backward from it: it issues one small "
+        f"GEMM per 64-query x 512-key tile, and GEMMs of that shape gain {gain('ATen tile GEMMs')}x alone "
+        "(a bf16 GEMM's fixed per-call cost eats most of what AVX-512 BF16 saves at that size; ATen's packed "
+        "brgemm path is enabled for fp16 with AMX only, see `aten/src/ATen/native/cpu/FlashAttentionKernel.cpp`). "
+        "The tiled path batches all heads into one GEMM per 256-row x 512-key tile "
+        f"({gain('tiled-path GEMMs')}x for those GEMMs alone) and keeps the softmax, its `exp2` and all "
+        "accumulators in fp32, so the op gains "
+        f"{gain('op (torch) fwd')}x forward and {gain('op (torch) fwd+bwd')}x forward+backward over fp32. "
+        "The forward gains less than the GEMMs because the fp32 softmax passes (convert, max, exp2, sum, "
+        "convert back) cost the same in both dtypes."
     )
-
-
-def _verdict(diag: List[dict]) -> str:
-    """'is no faster than fp32' / 'gains only 1.1-1.3x' from the kernel rows of this run."""
-    gains = [d["bf16 speedup (t_fp32 / t_bf16)"] for d in diag
-             if d["variant (M = 4096)"].startswith(("aten flash_for_cpu fwd", "F.sdpa"))]
-    if not gains:
-        return "could not be measured"
-    lo, hi = min(gains), max(gains)
-    if hi < 1.05:
-        return "is no faster than fp32"
-    return f"runs at {lo:.2f}-{hi:.2f}x the speed of fp32"
 
 
 def section(quick: bool, threads: int, progress, out_dir) -> Section:

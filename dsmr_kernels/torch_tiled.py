@@ -23,6 +23,7 @@ in groups to respect it), independent of the memory length M.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -123,8 +124,14 @@ def _keys(part: str, j0: int, j1: int, L: int, M: int, seg: torch.Tensor, mem: O
 
 
 class _Workspace:
-    """Reused tile buffers: fresh multi-MB tensors per tile would page-fault on every first touch
-    (large CPU allocations go straight back to the OS), which tripled the cost of each pass."""
+    """Tile buffers, kept between calls (per thread, device and dtype).
+
+    Fresh multi-MB tensors per tile or per call page-fault on every first touch (large CPU
+    allocations go straight back to the OS), which tripled the cost of each elementwise pass and
+    dominated short calls. The buffers only grow to the largest tile used so far, at most
+    ``TileConfig.tile_elems`` entries x 6 bytes (forward) or 12 bytes (backward);
+    :func:`release_workspaces` frees them.
+    """
 
     def __init__(self, elems: int, device, n16: int, n32: int, dtype):
         self.b16 = [torch.empty(elems, dtype=dtype, device=device) for _ in range(n16)]
@@ -133,6 +140,32 @@ class _Workspace:
     @staticmethod
     def view(buf: torch.Tensor, shape) -> torch.Tensor:
         return buf[: math.prod(shape)].view(shape)
+
+
+_WORKSPACES = threading.local()
+
+
+def _workspace(elems: int, device, n16: int, n32: int, dtype) -> _Workspace:
+    """This thread's buffers for ``(device, dtype, n16, n32)``, grown to ``elems`` if smaller."""
+    store = getattr(_WORKSPACES, "store", None)
+    if store is None:
+        store = _WORKSPACES.store = {}
+    key = (str(device), dtype, n16, n32)
+    ws = store.get(key)
+    if ws is None or ws.b32[0].numel() < elems:
+        ws = store[key] = _Workspace(elems, device, n16, n32, dtype)
+    return ws
+
+
+def release_workspaces() -> None:
+    """Free the tile buffers this thread keeps between calls (they are re-created on demand)."""
+    _WORKSPACES.store = {}
+
+
+def workspace_nbytes() -> int:
+    """Bytes of tile buffers this thread currently keeps."""
+    store = getattr(_WORKSPACES, "store", None) or {}
+    return sum(t.numel() * t.element_size() for ws in store.values() for t in ws.b16 + ws.b32)
 
 
 def _scores(qf, kt, c: float, mask: Optional[torch.Tensor], G: int, s16: torch.Tensor, s32: torch.Tensor):
@@ -165,7 +198,7 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
     out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
-    ws = _Workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 1, 1, q.dtype)
+    ws = _workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 1, 1, q.dtype)
     for b0, b1, L in groups:
         nb = b1 - b0
         for r0 in range(0, S, R):
@@ -222,7 +255,7 @@ def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, 
     dk_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
     dv_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
     groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
-    ws = _Workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 2, 2, dt)
+    ws = _workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 2, 2, dt)
     for b0, b1, L in groups:
         nb = b1 - b0
         kv_rows = slice(b0 * Hkv, b1 * Hkv)

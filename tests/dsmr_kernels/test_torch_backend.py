@@ -348,3 +348,22 @@ def test_tiled_tiles_cover_exactly_the_visible_keys():
             if window is not None:
                 want &= (L + i - j) < window
             assert torch.equal(seen, want.int()), (L, S, window, rows, cols, r0)
+
+
+def test_tiled_workspace_is_reused_bounded_and_releasable(monkeypatch):
+    from dsmr_kernels import torch_tiled
+    from dsmr_kernels.torch_tiled import TileConfig
+
+    monkeypatch.setattr(tb, "BF16_TILES", TileConfig(8, 16, 1 << 10))
+    torch_tiled.release_workspaces()
+    assert torch_tiled.workspace_nbytes() == 0
+    q, k, v, mk, mv, ml = make_inputs(3, 4, 2, 20, 50, 16, torch.bfloat16)
+    _torch_op(q, k, v, mk, mv, ml).sum().backward()
+    held = torch_tiled.workspace_nbytes()
+    # forward: one bf16 + one fp32 buffer, backward: two of each; one tile of one lane (4 x 8 x 16
+    # entries) exceeds the 1024-entry budget, so a group is a single lane
+    assert held == 4 * 8 * 16 * (2 + 4) + 4 * 8 * 16 * 2 * (2 + 4)
+    _torch_op(q, k, v, mk, mv, ml).sum().backward()
+    assert torch_tiled.workspace_nbytes() == held  # reused, not re-allocated per call
+    torch_tiled.release_workspaces()
+    assert torch_tiled.workspace_nbytes() == 0
