@@ -138,6 +138,7 @@ class ModelState:
         for i, s in enumerate(self.layers):
             d[f"{i}.mem_len"], d[f"{i}.pos"] = s.mem_len, s.pos
             if s.mem_k is not None:
+                s = s.compact()  # a view of a larger decode buffer would save the whole buffer
                 d[f"{i}.mem_k"], d[f"{i}.mem_v"] = s.mem_k, s.mem_v
         return d
 

@@ -1,13 +1,33 @@
 """``DSMRAttention``: drop-in multi-head self-attention with a recurrent, truncated KV memory."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from .interface import segment_memory_attention
+
+
+class _KVBuffer:
+    """Backing storage for a state's memory with spare room to the right (no-grad use only).
+
+    A state's ``mem_k``/``mem_v`` are views ``[a, b)`` of ``k``/``v``; ``fill`` is the end of the
+    newest region written. A state whose view ends at ``fill`` may append in place, so decoding a
+    token costs O(1) instead of an O(M) ``torch.cat`` (whose per-token allocations also inflated
+    peak RSS). Any other state (an older one, or a branch) copies into a fresh buffer instead, so
+    writes never touch a region some state still reads.
+    """
+
+    __slots__ = ("k", "v", "fill")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, fill: int):
+        self.k, self.v, self.fill = k, v, fill
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
 
 
 @dataclass
@@ -25,6 +45,8 @@ class AttentionState:
     mem_v: Optional[torch.Tensor]
     mem_len: torch.Tensor
     pos: torch.Tensor
+    # (buffer, a): mem_k is buffer.k[:, :, a:a+M]; set only by no-grad forwards (see _KVBuffer)
+    _buf: Optional[tuple] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, batch: int, device: Union[str, torch.device] = "cpu") -> "AttentionState":
@@ -74,6 +96,12 @@ class AttentionState:
         if horizon == 0:
             return AttentionState(None, None, torch.zeros_like(self.mem_len), self.pos)
         M = self.capacity
+        if self._buf is not None:  # a narrower view of the same buffer; the next append stays in place
+            buf, a = self._buf
+            return AttentionState(
+                self.mem_k[:, :, M - horizon:], self.mem_v[:, :, M - horizon:],
+                torch.clamp(self.mem_len, max=horizon), self.pos, (buf, a + M - horizon),
+            )
         return AttentionState(
             self.mem_k[:, :, M - horizon:].clone(),
             self.mem_v[:, :, M - horizon:].clone(),
@@ -85,6 +113,13 @@ class AttentionState:
         """The same state with every tensor moved to ``device``."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return AttentionState(mv(self.mem_k), mv(self.mem_v), self.mem_len.to(device), self.pos.to(device))
+
+    def compact(self) -> "AttentionState":
+        """The same state with memory in its own contiguous storage (no spare buffer room),
+        e.g. before saving it: ``torch.save`` writes a view's whole storage."""
+        if self._buf is None:
+            return self
+        return AttentionState(self.mem_k.clone(), self.mem_v.clone(), self.mem_len, self.pos)
 
 
 def rotary_cos_sin(pos: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +247,10 @@ class DSMRAttention(nn.Module):
 
     def _next_state(self, state, mem_k, mem_v, k, v, S, horizon) -> AttentionState:
         """New memory = last ``horizon`` valid keys of ``[memory; segment]``, detached."""
+        if state._buf is not None and torch.is_grad_enabled():
+            # This forward may have saved views of the buffer for backward: no later no-grad
+            # forward may write into it (a version bump would fail that backward).
+            state._buf[0].fill = -1
         M = 0 if mem_k is None else mem_k.shape[2]
         cap = M + S if horizon is None else min(horizon, M + S)
         new_len = torch.clamp(state.mem_len + S, max=cap)
@@ -223,6 +262,42 @@ class DSMRAttention(nn.Module):
             new_v = v[:, :, S - cap:].detach().clone(memory_format=torch.contiguous_format)
         else:
             keep = cap - S  # slots taken from the old memory's newest end
+            if not torch.is_grad_enabled():
+                return self._append_in_buffer(state, mem_k, mem_v, k, v, keep, new_len)
             new_k = torch.cat([mem_k[:, :, M - keep:], k.detach()], dim=2)
             new_v = torch.cat([mem_v[:, :, M - keep:], v.detach()], dim=2)
         return AttentionState(new_k, new_v, new_len, state.pos + S)
+
+    @staticmethod
+    def _append_in_buffer(state, mem_k, mem_v, k, v, keep, new_len) -> AttentionState:
+        """No-grad memory update: ``[newest keep slots of memory; segment]`` as a view of a buffer.
+
+        In place when ``state`` holds the newest region of its buffer and the segment fits in the
+        spare room; otherwise the kept slots move to a fresh buffer with room for as many again
+        (amortized O(S) per call). Grad mode never takes this path: writing into a buffer would
+        bump the version counter of memory views saved for backward.
+        """
+        B, Hkv, M, D = mem_k.shape
+        S = k.shape[2]
+        buf, a = state._buf if state._buf is not None else (None, 0)
+        b = a + M
+        usable = (
+            buf is not None and buf.fill == b and mem_k is state.mem_k and b + S <= buf.capacity
+        )
+        if not usable:
+            cap = keep + S
+            room = max(2 * cap, cap + 64)
+            nk = k.new_empty(B, Hkv, room, D)
+            nv = v.new_empty(B, Hkv, room, D)
+            nk[:, :, :keep] = mem_k[:, :, M - keep:]
+            nv[:, :, :keep] = mem_v[:, :, M - keep:]
+            buf, a, b = _KVBuffer(nk, nv, keep), 0, keep
+            keep_from = 0
+        else:
+            keep_from = b - keep
+        buf.k[:, :, b:b + S] = k
+        buf.v[:, :, b:b + S] = v
+        buf.fill = b + S
+        return AttentionState(
+            buf.k[:, :, keep_from:b + S], buf.v[:, :, keep_from:b + S], new_len, state.pos + S, (buf, keep_from)
+        )

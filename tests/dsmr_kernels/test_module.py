@@ -120,3 +120,84 @@ def test_module_bad_arguments():
         attn(torch.randn(3, 5, 32), st)
     with pytest.raises(ValueError, match="lanes must lie"):
         st.reset([5])
+
+
+# ------------------------------------------------------------------------------------------
+# No-grad decode buffers: appends in place, identical results, safe for branches and backward
+# ------------------------------------------------------------------------------------------
+def _decode(attn, x, state, truncate_every=None, horizon=None):
+    """Feed x one token at a time with truncate=False; truncate to ``horizon`` every few tokens."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = attn(x[:, t:t + 1], state, truncate=False)
+        ys.append(y)
+        if truncate_every and (t + 1) % truncate_every == 0:
+            state = state.truncate(horizon)
+    return torch.cat(ys, 1), state
+
+
+@pytest.mark.parametrize("horizon", [None, 6])
+def test_no_grad_decoding_appends_in_place_and_matches_grad_mode(horizon):
+    torch.manual_seed(0)
+    attn = DSMRAttention(32, 4, 2, horizon=horizon, backend="torch").double()
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    with torch.enable_grad():  # the cat path (what training uses)
+        want, _ = _decode(attn, x, attn.init_state(2), truncate_every=8, horizon=horizon)
+    buffers = set()
+    with torch.no_grad():
+        state = attn.init_state(2)
+        ys = []
+        for t in range(40):
+            y, state = attn(x[:, t:t + 1], state, truncate=False)
+            ys.append(y)
+            if state._buf is not None:
+                buffers.add(id(state._buf[0]))
+            if (t + 1) % 8 == 0:
+                state = state.truncate(horizon)
+    assert torch.allclose(torch.cat(ys, 1), want.detach(), atol=1e-12, rtol=0)
+    assert len(buffers) <= 3  # grown geometrically, not re-allocated per token
+
+
+def test_branching_from_one_state_never_corrupts_the_other_branch():
+    torch.manual_seed(1)
+    attn = DSMRAttention(32, 4, 4, horizon=None, backend="torch").double()
+    x = torch.randn(1, 12, 32, dtype=torch.float64)
+    a, b = torch.randn(1, 5, 32, dtype=torch.float64), torch.randn(1, 5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        _, s0 = _decode(attn, x, attn.init_state(1))
+        ya, sa = _decode(attn, a, s0)  # appends in s0's buffer
+        yb, sb = _decode(attn, b, s0)  # s0 no longer owns the buffer's end: must copy, not overwrite sa
+        probe = torch.randn(1, 3, 32, dtype=torch.float64)
+        pa, _ = attn(probe, sa)
+        pb, _ = attn(probe, sb)
+    with torch.enable_grad():
+        _, g0 = _decode(attn, x, attn.init_state(1))
+        _, ga = _decode(attn, a, g0)
+        _, gb = _decode(attn, b, g0)
+        wa, _ = attn(probe, ga)
+        wb, _ = attn(probe, gb)
+    assert torch.allclose(pa, wa.detach(), atol=1e-12) and torch.allclose(pb, wb.detach(), atol=1e-12)
+
+
+def test_grad_forward_then_no_grad_forward_from_the_same_state_keeps_backward_valid():
+    torch.manual_seed(2)
+    attn = DSMRAttention(32, 4, 2, horizon=None, backend="torch")
+    with torch.no_grad():
+        _, s0 = _decode(attn, torch.randn(1, 6, 32), attn.init_state(1))
+    y, _ = attn(torch.randn(1, 4, 32), s0)  # grad mode: reads s0's buffer views, saves them
+    with torch.no_grad():
+        attn(torch.randn(1, 4, 32), s0)  # must not write into s0's buffer now
+    y.sum().backward()  # would raise "modified by an inplace operation" otherwise
+    assert attn.qkv.weight.grad is not None
+
+
+def test_compact_and_model_state_to_dict_drop_the_spare_buffer():
+    from dsmr.model import ModelState
+
+    attn = DSMRAttention(32, 4, 2, horizon=None, backend="torch")
+    with torch.no_grad():
+        _, st = _decode(attn, torch.randn(1, 9, 32), attn.init_state(1))
+    assert st._buf is not None and st.mem_k.untyped_storage().nbytes() > st.mem_k.numel() * 4
+    d = ModelState([st]).to_dict()
+    assert d["0.mem_k"].untyped_storage().nbytes() == d["0.mem_k"].numel() * 4
+    assert torch.equal(d["0.mem_k"], st.mem_k)
