@@ -178,9 +178,12 @@ def _memory_note(rows) -> str:
         f"{fmt(min(trimmed))}–{fmt(max(trimmed))} MiB. The caches are bounded (largest cache per layer is the "
         "same for every length), and decoding appends each token's key/value in place into a per-layer buffer "
         "with spare room (`DSMRAttention` under `no_grad`; the buffer is re-allocated only when full, with room "
-        "for as many tokens again), so peak memory should not grow with the number of tokens sampled. Any "
-        "difference between peak and trimmed RSS is freed heap glibc keeps from the prompt pass and "
-        "the model's other temporaries."
+        "for as many tokens again), so no step copies or re-allocates the cache. The difference between peak "
+        "and trimmed RSS is freed heap glibc keeps (the prompt pass, per-token temporaries), not live tensors"
+        + (
+            f"; peak RSS grows {fmt(peaks[-1] / peaks[0])}x from the shortest to the longest run."
+            if peaks[0] > 0 else "."
+        )
     )
 
 
