@@ -252,6 +252,13 @@ class DSMRAttention(nn.Module):
             # forward may write into it (a version bump would fail that backward).
             state._buf[0].fill = -1
         M = 0 if mem_k is None else mem_k.shape[2]
+        if horizon is None and M > 0 and state.mem_len.device.type == "cpu" and state.batch > 0:
+            # Slots older than every lane's valid memory are dead (lanes that started a new piece):
+            # drop them, or a whole-history layer's capacity would grow across pieces forever.
+            # CPU only: on a GPU this would be a host sync per layer (the trainer trims there).
+            longest = int(state.mem_len.max())
+            if longest < M:
+                mem_k, mem_v, M = mem_k[:, :, M - longest:], mem_v[:, :, M - longest:], longest
         cap = M + S if horizon is None else min(horizon, M + S)
         new_len = torch.clamp(state.mem_len + S, max=cap)
         if cap == 0:

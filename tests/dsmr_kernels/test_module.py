@@ -201,3 +201,25 @@ def test_compact_and_model_state_to_dict_drop_the_spare_buffer():
     d = ModelState([st]).to_dict()
     assert d["0.mem_k"].untyped_storage().nbytes() == d["0.mem_k"].numel() * 4
     assert torch.equal(d["0.mem_k"], st.mem_k)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_whole_history_capacity_drops_dead_slots_after_resets(grad):
+    """Slots older than every lane's valid memory are dropped, so capacity does not grow across pieces."""
+    torch.manual_seed(3)
+    attn = DSMRAttention(32, 4, 2, horizon=None, backend="torch").double()
+    x = torch.randn(2, 8, 32, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        state = attn.init_state(2)
+        for _ in range(4):
+            _, state = attn(x, state)
+        assert state.capacity == 32
+        _, s1 = attn(x, state.reset([0]))  # lane 1 still needs all 32 slots
+        assert s1.capacity == 40
+        y_reset, s2 = attn(x, state.reset())  # nobody needs the old slots
+        assert s2.capacity == 8 and s2.mem_len.tolist() == [8, 8]
+        y_fresh, s3 = attn(x, attn.init_state(2))
+        assert torch.allclose(y_reset, y_fresh, atol=1e-12)
+        ya, _ = attn(x, s2)
+        yb, _ = attn(x, s3)
+        assert torch.allclose(ya, yb, atol=1e-12)
