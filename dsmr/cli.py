@@ -306,6 +306,8 @@ def cmd_diagnose(args) -> int:
     pieces, names = cache.pieces(args.split), cache.names(args.split)
     if not pieces:
         _die(f"split {args.split!r} of {args.source!r} has no pieces")
+    if args.pieces is not None:
+        return _diagnose_pieces(args, model, cache, pieces, names)
     if not 0 <= args.piece < len(pieces):
         _die(f"--piece must lie in [0, {len(pieces)}) for split {args.split!r}")
     try:
@@ -320,6 +322,44 @@ def cmd_diagnose(args) -> int:
           f"(mean {res['mean_increase']:.4f} nats/token)")
     rows = [[label, f"{b['tokens']:,}", f"{b['mean_increase']:+.4f}"] for label, b in res["buckets"].items()]
     _print_table(["distance after R", "tokens", "mean NLL increase"], rows)
+    if args.plot:
+        print(f"plot: {args.plot}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(res, indent=2))
+    return 0
+
+
+def _diagnose_pieces(args, model, cache, pieces, names) -> int:
+    from .diagnostics import kv_reset_diagnostic_pieces
+
+    if args.pieces == "all":
+        n = len(pieces)
+    else:
+        try:
+            n = int(args.pieces)
+        except ValueError:
+            n = 0
+        if n < 1:
+            _die(f"--pieces must be a positive int or 'all', got {args.pieces!r}")
+        n = min(n, len(pieces))
+    try:
+        res = kv_reset_diagnostic_pieces(model, pieces[:n], names=names[:n], bos_id=cache.bos_id,
+                                         eos_id=cache.eos_id, reset_at=args.reset_at, window=args.window,
+                                         plot_path=args.plot, progress=True)
+    except ValueError as e:
+        _die(str(e))
+    rows = [[p["piece"], f"{p['n_inputs'] - 1:,}", f"{p['reset_at']:,}", f"{p['window']:,}",
+             f"{p['nll_before']:.4f}", f"{p['nll_after_normal']:.4f}", f"{p['nll_after_wiped']:.4f}",
+             f"{p['mean_increase']:+.4f}"] for p in res["per_piece"]]
+    _print_table(["piece", "tokens", "R", "tokens after R", "NLL before R", "NLL after (normal)",
+                  "NLL after (wiped)", "mean increase"], rows)
+    print(f"{len(res['pieces'])} piece(s) diagnosed, {len(res['skipped'])} skipped (too short for R)")
+    for s in res["skipped"]:
+        print(f"  skipped {s['piece']}: {s['reason']}")
+    print(f"pooled over every token after R: mean NLL increase {res['mean_increase']:+.4f} nats/token; "
+          f"mean area per piece {res['mean_auc_per_piece']:.2f}")
+    rows = [[label, f"{b['tokens']:,}", f"{b['mean_increase']:+.4f}"] for label, b in res["buckets"].items()]
+    _print_table(["distance after R", "tokens (all pieces)", "mean NLL increase"], rows)
     if args.plot:
         print(f"plot: {args.plot}")
     if args.json:
@@ -449,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(g)
     g.add_argument("--split", default="test")
     g.add_argument("--piece", type=int, default=0, help="index of the piece within the split")
+    g.add_argument("--pieces", default=None, metavar="N|all",
+                   help="average over the first N pieces of the split (or all); pieces too short for R are "
+                        "skipped and listed")
     g.add_argument("--reset-at", type=int, default=None, help="token R where memory is wiped (default 8192 or half)")
     g.add_argument("--window", type=int, default=None, help="tokens after R to report")
     g.add_argument("--plot", default="kv_reset.png")

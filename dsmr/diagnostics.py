@@ -163,6 +163,88 @@ def kv_reset_diagnostic(
     return result
 
 
+def kv_reset_diagnostic_pieces(
+    model,
+    pieces,
+    *,
+    names=None,
+    progress: bool = False,
+    plot_path: Optional[Union[str, Path]] = None,
+    **kwargs,
+) -> dict:
+    """:func:`kv_reset_diagnostic` over several pieces, averaged by distance after each piece's R.
+
+    Args:
+        model: a :class:`dsmr.DSMRModel`.
+        pieces: sequence of 1-D int arrays of raw ids (no BOS/EOS).
+        names: optional names of the pieces (for ``per_piece`` and ``skipped``).
+        progress: a tqdm bar over pieces.
+        plot_path: PNG of the mean increase against distance.
+        **kwargs: passed to :func:`kv_reset_diagnostic` for every piece (``bos_id``, ``eos_id``,
+            ``reset_at``, ``window``, ``segment_len``, ``device``, ``autocast``...).
+
+    Pieces too short for the requested R (the per-piece ValueError) are skipped and listed in
+    ``skipped``; ValueError is raised only when every piece is skipped.
+
+    Returns: dict with ``pieces`` (used), ``skipped`` ``[{"piece", "reason"}]``, ``per_piece``
+    (each piece's R, window, auc, mean_increase and NLL means), ``increase`` (mean over the pieces
+    that reach each distance d = 0..max window-1), ``pieces_at_distance`` (how many reach d),
+    ``auc`` (sum of ``increase``), ``mean_increase`` (all tokens after R pooled),
+    ``mean_auc_per_piece`` and ``buckets`` (pooled over pieces, as in the single-piece result).
+    """
+    from tqdm.auto import tqdm
+
+    names = [str(i) for i in range(len(pieces))] if names is None else [str(n) for n in names]
+    if len(names) != len(pieces):
+        raise ValueError(f"got {len(names)} names for {len(pieces)} pieces")
+    results, used, skipped = [], [], []
+    for i in tqdm(range(len(pieces)), desc="kv-reset pieces", disable=not progress, leave=False):
+        try:
+            results.append(kv_reset_diagnostic(model, pieces[i], **kwargs))
+            used.append(names[i])
+        except ValueError as e:
+            skipped.append({"piece": names[i], "reason": str(e)})
+    if not results:
+        raise ValueError(f"no piece could be diagnosed ({len(skipped)} skipped); first reason: "
+                         f"{skipped[0]['reason'] if skipped else 'no pieces given'}")
+    W = max(r["window"] for r in results)
+    total = np.zeros(W)
+    count = np.zeros(W, dtype=np.int64)
+    for r in results:
+        inc = np.asarray(r["increase"], dtype=np.float64)
+        total[: len(inc)] += inc
+        count[: len(inc)] += 1
+    mean_inc = total / count
+    buckets = {}
+    for lab in DISTANCE_LABELS:
+        parts = [r["buckets"][lab] for r in results if lab in r["buckets"]]
+        if parts:
+            n = sum(p["tokens"] for p in parts)
+            sm = sum(p["sum_increase"] for p in parts)
+            buckets[lab] = {"tokens": n, "sum_increase": sm, "mean_increase": sm / n}
+    pooled_tokens = sum(r["window"] for r in results)
+    result = {
+        "pieces": used,
+        "skipped": skipped,
+        "per_piece": [
+            {"piece": n, **{k: r[k] for k in ("reset_at", "n_inputs", "window", "auc", "mean_increase",
+                                               "nll_before", "nll_after_normal", "nll_after_wiped")}}
+            for n, r in zip(used, results)
+        ],
+        "distance": list(range(W)),
+        "increase": mean_inc.tolist(),
+        "pieces_at_distance": count.tolist(),
+        "auc": float(mean_inc.sum()),
+        "mean_increase": sum(r["auc"] for r in results) / pooled_tokens,
+        "mean_auc_per_piece": float(np.mean([r["auc"] for r in results])),
+        "buckets": buckets,
+        "reset_at": sorted({r["reset_at"] for r in results}),
+    }
+    if plot_path is not None:
+        plot_kv_reset(result, plot_path)
+    return result
+
+
 def plot_kv_reset(result: dict, path: Union[str, Path], smooth: int = 64) -> Optional[Path]:
     """PNG of the NLL increase against distance after R (raw and a running mean of ``smooth``)."""
     try:
@@ -184,7 +266,11 @@ def plot_kv_reset(result: dict, path: Union[str, Path], smooth: int = 64) -> Opt
         run = np.convolve(inc, np.ones(k) / k, mode="valid")
         ax.plot(d[k - 1:], run, lw=1.5, label=f"running mean ({k})")
     ax.axhline(0.0, color="k", lw=0.5)
-    ax.set_xlabel(f"tokens after the wipe at R={result['reset_at']}")
+    R = result["reset_at"]
+    where = f"R={R}" if not isinstance(R, list) else (
+        f"R={R[0]}" if len(R) == 1 else f"each piece's R ({min(R)}-{max(R)})")
+    n = len(result.get("pieces", [])) or 1
+    ax.set_xlabel(f"tokens after the wipe at {where}" + (f", mean over {n} pieces" if n > 1 else ""))
     ax.set_ylabel("NLL increase (wiped - normal), nats")
     ax.set_title(f"KV-reset diagnostic: AUC {result['auc']:.2f}, mean {result['mean_increase']:.4f}")
     ax.grid(alpha=0.3)
@@ -197,4 +283,4 @@ def plot_kv_reset(result: dict, path: Union[str, Path], smooth: int = 64) -> Opt
     return path
 
 
-__all__ = ["kv_reset_diagnostic", "plot_kv_reset", "wipe_memory", "DISTANCE_LABELS"]
+__all__ = ["kv_reset_diagnostic", "kv_reset_diagnostic_pieces", "plot_kv_reset", "wipe_memory", "DISTANCE_LABELS"]

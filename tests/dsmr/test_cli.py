@@ -126,6 +126,21 @@ def test_diagnose_writes_plot(workspace, trained, capsys, tmp_path):
     assert png.exists() and png.stat().st_size > 1000
 
 
+def test_diagnose_over_several_pieces(workspace, trained, capsys, tmp_path):
+    root, midis = workspace
+    js = tmp_path / "kv.json"
+    code, out, _ = _run(["diagnose", "--checkpoint", str(trained / "best.pt"), "--source", str(midis),
+                         "--cache-dir", str(root / "cache"), "--split", "train", "--reset-at", "64",
+                         "--pieces", "all", "--plot", str(tmp_path / "kv.png"), "--json", str(js)], capsys)
+    assert code == 0 and "piece(s) diagnosed" in out and "pooled over every token after R" in out
+    res = json.loads(js.read_text())
+    assert len(res["pieces"]) + len(res["skipped"]) >= 2 and len(res["per_piece"]) == len(res["pieces"])
+    with pytest.raises(SystemExit):
+        main(["diagnose", "--checkpoint", str(trained / "best.pt"), "--source", str(midis),
+              "--cache-dir", str(root / "cache"), "--pieces", "zero"])
+    assert "--pieces must be a positive int or 'all'" in capsys.readouterr().err
+
+
 def test_generate_midi_from_prompt(workspace, trained, capsys, tmp_path):
     _, midis = workspace
     out_mid = tmp_path / "gen.mid"

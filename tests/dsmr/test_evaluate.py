@@ -106,3 +106,30 @@ def test_kv_reset_diagnostic_default_r_window_and_errors():
     assert res["requested_reset_at"] == 50 and res["reset_at"] == 48 and res["window"] == 10
     with pytest.raises(ValueError, match="rounds down to R=0"):
         kv_reset_diagnostic(model, piece[:20], bos_id=BOS, eos_id=EOS)
+
+
+def test_kv_reset_diagnostic_over_pieces_averages_by_distance_and_skips_short_pieces(tmp_path):
+    from dsmr.diagnostics import kv_reset_diagnostic_pieces
+
+    cfg = DSMRConfig(vocab_size=17, n_layers=2, d_model=16, n_heads=2, segment_len=8, horizons=[None, 4])
+    model = DSMRModel(cfg).eval()
+    rng = np.random.default_rng(4)
+    pieces = [rng.integers(3, 17, size=n) for n in (100, 60, 5, 81)]  # the 5-token piece is too short
+    kw = dict(bos_id=BOS, eos_id=EOS, reset_at=40)
+    res = kv_reset_diagnostic_pieces(model, pieces, names=["a", "b", "c", "d"], plot_path=tmp_path / "kv.png", **kw)
+    singles = [kv_reset_diagnostic(model, pieces[i], **kw) for i in (0, 1, 3)]
+    assert res["pieces"] == ["a", "b", "d"] and [s["piece"] for s in res["skipped"]] == ["c"]
+    assert "rounds down" in res["skipped"][0]["reason"]
+    W = max(s["window"] for s in singles)
+    assert len(res["increase"]) == W == 61
+    for d in (0, 15, 25, 45):
+        reach = [s["increase"][d] for s in singles if d < s["window"]]
+        assert res["pieces_at_distance"][d] == len(reach)
+        assert res["increase"][d] == pytest.approx(np.mean(reach))
+    pooled = sum(s["auc"] for s in singles) / sum(s["window"] for s in singles)
+    assert res["mean_increase"] == pytest.approx(pooled)
+    assert res["buckets"]["0-256"]["tokens"] == sum(s["window"] for s in singles)
+    assert [p["auc"] for p in res["per_piece"]] == pytest.approx([s["auc"] for s in singles])
+    assert (tmp_path / "kv.png").exists()
+    with pytest.raises(ValueError, match="no piece could be diagnosed"):
+        kv_reset_diagnostic_pieces(model, [pieces[2]], **kw)
