@@ -125,7 +125,10 @@ class ModelState:
         return ModelState([s.to(device) for s in self.layers])
 
     def nbytes(self) -> int:
-        """Bytes held by the memory tensors (allocated slots, valid or not)."""
+        """Bytes of the memory tensors (allocated slots, valid or not).
+
+        After no-grad decoding the memory is a view of a buffer with spare room (at most about
+        twice the slots); ``to_dict`` / ``AttentionState.compact`` give copies without it."""
         n = 0
         for s in self.layers:
             if s.mem_k is not None:

@@ -71,6 +71,8 @@ class AttentionState:
         Returns a new state; the old one is left intact (autograd may still hold its tensors).
         """
         mem_len, pos = self.mem_len.clone(), self.pos.clone()
+        if lanes is not None and not isinstance(lanes, torch.Tensor) and len(lanes) == 0:
+            lanes = torch.zeros(0, dtype=torch.long)  # an empty list would become a float tensor
         if lanes is None:
             mem_len.zero_()
             pos.zero_()
@@ -112,7 +114,11 @@ class AttentionState:
     def to(self, device) -> "AttentionState":
         """The same state with every tensor moved to ``device``."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return AttentionState(mv(self.mem_k), mv(self.mem_v), self.mem_len.to(device), self.pos.to(device))
+        mem_k = mv(self.mem_k)
+        # Same device: .to returns the same tensors, still views of the decode buffer, so the buffer
+        # bookkeeping must come along (a grad-mode forward from the copy has to fence the buffer).
+        buf = self._buf if mem_k is self.mem_k else None
+        return AttentionState(mem_k, mv(self.mem_v), self.mem_len.to(device), self.pos.to(device), buf)
 
     def compact(self) -> "AttentionState":
         """The same state with memory in its own contiguous storage (no spare buffer room),

@@ -228,8 +228,9 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 def _repeat_heads(x: torch.Tensor, G: int) -> torch.Tensor:
     """(B, Hkv, S, D) -> (B, Hkv*G, S, D), head h reading kv head h // G."""
+    x = _unit_stride(x)  # before the expand: the repeated view must keep a unit last stride too
     if G == 1:
-        return _unit_stride(x)
+        return x
     B, Hkv, S, D = x.shape
     return x[:, :, None].expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D)
 

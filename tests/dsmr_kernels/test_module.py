@@ -223,3 +223,25 @@ def test_whole_history_capacity_drops_dead_slots_after_resets(grad):
         ya, _ = attn(x, s2)
         yb, _ = attn(x, s3)
         assert torch.allclose(ya, yb, atol=1e-12)
+
+
+def test_state_to_same_device_keeps_the_buffer_fence():
+    """A state moved with .to() to its own device still reads the decode buffer; a grad-mode forward
+    from it must keep a later no-grad forward from the original state from writing into it."""
+    torch.manual_seed(4)
+    attn = DSMRAttention(32, 4, 2, horizon=None, backend="torch")
+    with torch.no_grad():
+        _, s = _decode(attn, torch.randn(1, 6, 32), attn.init_state(1))
+    t = s.to("cpu")
+    assert t.mem_k is s.mem_k and t._buf is not None
+    y, _ = attn(torch.randn(1, 4, 32), t)
+    with torch.no_grad():
+        attn(torch.randn(1, 4, 32), s)
+    y.sum().backward()
+
+
+def test_reset_with_no_lanes_changes_nothing():
+    attn = DSMRAttention(32, 4, 2, horizon=8, backend="torch")
+    _, s = attn(torch.randn(2, 5, 32))
+    r = s.reset([])
+    assert torch.equal(r.mem_len, s.mem_len) and torch.equal(r.pos, s.pos)

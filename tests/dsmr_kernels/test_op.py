@@ -163,3 +163,17 @@ def test_unknown_backend():
     q, k, v, *_ = _base()
     with pytest.raises(ValueError, match="backend must be one of"):
         segment_memory_attention(q, k, v, backend="cuda")
+
+
+@pytest.mark.parametrize("G,M", [(1, 0), (3, 0), (3, 3)])
+@pytest.mark.parametrize("which", ["k", "v"])
+def test_torch_backend_keys_with_non_unit_last_stride(G, M, which):
+    """k/v stored (B, Hkv, D, S) and viewed as (B, Hkv, S, D): ATen's kernel ignores the last
+    stride, so GQA's repeated view must be made unit-stride first (fp32, ATen path)."""
+    q, k, v, mk, mv, ml = make_inputs(2, G, 1, 3, M, 8, torch.float64, requires_grad=False)
+    args = {"k": k, "v": v}
+    args[which] = args[which].transpose(2, 3).contiguous().transpose(2, 3)
+    assert args[which].stride(-1) != 1
+    f = lambda t: None if t is None else t.float()  # noqa: E731
+    out = segment_memory_attention(f(q), f(args["k"]), f(args["v"]), f(mk), f(mv), ml, backend="torch")
+    assert max_err(out, segment_memory_attention_ref(q, k, v, mk, mv, ml)) < 1e-5
