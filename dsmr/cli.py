@@ -396,6 +396,10 @@ def cmd_generate(args) -> int:
             _die("--prompt-ids must be integers separated by commas")
     else:
         prompt = [bos]
+    if args.num_samples < 1:
+        _die(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_samples > 1:
+        return _generate_samples(args, model, tokenizer, prompt, eos)
     try:
         res = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed, eos_id=eos, progress=True)
@@ -406,6 +410,30 @@ def cmd_generate(args) -> int:
           + (" (stopped at EOS)" if res["stopped_at_eos"] else ""))
     if args.ids_out:
         atomic_write_text(args.ids_out, json.dumps(res["tokens"]))
+    return 0
+
+
+def _generate_samples(args, model, tokenizer, prompt, eos) -> int:
+    import numpy as np
+
+    from .generate import generate_samples
+    from .tokenizer import ids_to_midi
+
+    try:
+        samples = generate_samples(model, prompt, args.max_new_tokens, args.num_samples,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   seed=args.seed, eos_id=eos, progress=True)
+    except ValueError as e:
+        _die(str(e))
+    base = Path(args.out)
+    width = len(str(len(samples)))
+    for i, res in enumerate(samples, 1):
+        path = base.with_name(f"{base.stem}_{i:0{width}d}{base.suffix or '.mid'}")
+        out = ids_to_midi(np.asarray(res["tokens"]), tokenizer, path)
+        print(f"sample {i}: prompt {len(prompt):,} tokens + {len(res['new_tokens']):,} new -> {out}"
+              + (" (stopped at EOS)" if res["stopped_at_eos"] else ""))
+    if args.ids_out:
+        atomic_write_text(args.ids_out, json.dumps([r["tokens"] for r in samples]))
     return 0
 
 
@@ -509,7 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--top-k", type=int, default=None)
     n.add_argument("--top-p", type=float, default=None)
     n.add_argument("--seed", type=int, default=None)
-    n.add_argument("--ids-out", help="also write the token ids as JSON")
+    n.add_argument("--ids-out", help="also write the token ids as JSON (a list of lists with --num-samples)")
+    n.add_argument("--num-samples", type=int, default=1,
+                   help="continuations of the prompt, decoded together as a batch; files OUT_1.mid, OUT_2.mid, ...")
     n.set_defaults(func=cmd_generate)
     return p
 

@@ -157,3 +157,105 @@ def generate(
         lg = torch.cat(all_logits, 0).float().cpu()  # (T, V) rows for every fed position
         out["logits"] = lg[: len(prompt) + len(new) - 1]
     return out
+
+
+def _repeat_state(state, n: int):
+    """``state`` of one lane repeated into ``n`` independent lanes (own memory copies)."""
+    from dsmr_kernels import AttentionState
+
+    from .model import ModelState
+
+    def rep(t):
+        return None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))
+
+    return ModelState([AttentionState(rep(s.mem_k), rep(s.mem_v), rep(s.mem_len), rep(s.pos))
+                       for s in state.layers])
+
+
+@torch.no_grad()
+def generate_samples(
+    model,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    num_samples: int,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+    eos_id: Optional[int] = None,
+    stop_at_eos: bool = True,
+    device=None,
+    progress: bool = False,
+) -> list:
+    """``num_samples`` independent continuations of one prompt, decoded as a batch of lanes.
+
+    The prompt runs once (batch 1); its state is then copied into ``num_samples`` lanes that
+    sample and decode together, one token per step for all lanes, with the same bounded caches
+    and segment rule as :func:`generate`. A lane that samples ``eos_id`` (with ``stop_at_eos``)
+    stops; the batch stops when every lane has. Arguments as in :func:`generate`; draws come from
+    one seeded generator, lane by lane, so a seed fixes all samples.
+
+    Returns: a list of ``num_samples`` dicts ``{"tokens": prompt + new, "new_tokens",
+    "stopped_at_eos"}``.
+    """
+    _check_args(max_new_tokens, temperature, top_k, top_p)
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    raw = model.module if hasattr(model, "module") else model
+    cfg = raw.config
+    S, horizons = cfg.segment_len, cfg.layer_horizons
+    prompt = [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
+    if not prompt:
+        raise ValueError("prompt must hold at least one id (e.g. BOS)")
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"prompt ids {bad[:5]} lie outside the model's vocab [0, {cfg.vocab_size})")
+    device = next(raw.parameters()).device if device is None else torch.device(device)
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(int(seed))
+    else:
+        gen.seed()
+    N = num_samples
+    was_training = raw.training
+    raw.eval()
+    new = [[] for _ in range(N)]
+    stopped = [False] * N
+    try:
+        toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
+        P = toks.shape[1]
+        state = raw.init_state(1, device)
+        full = P - P % S
+        logits = None
+        for s0 in range(0, full, S):
+            logits, state = raw(toks[:, s0:s0 + S], state)
+        if P > full:
+            logits, state = raw(toks[:, full:], state, truncate=False)
+        state = _repeat_state(state, N)
+        last = logits[:, -1].expand(N, -1)  # (N, V): every lane starts from the prompt's last logits
+        pos = P
+        from tqdm.auto import tqdm
+
+        for i in tqdm(range(max_new_tokens), desc=f"generate x{N}", disable=not progress, leave=False):
+            step = []
+            for b in range(N):
+                if stopped[b]:
+                    step.append(eos_id if eos_id is not None else 0)  # fed but never kept
+                    continue
+                tok = sample_next(last[b], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+                new[b].append(tok)
+                step.append(tok)
+                if stop_at_eos and eos_id is not None and tok == eos_id:
+                    stopped[b] = True
+            if all(stopped) or i == max_new_tokens - 1:
+                break
+            step_in = torch.tensor(step, dtype=torch.long, device=device)[:, None]  # (N, 1)
+            logits, state = raw(step_in, state, truncate=False)
+            last = logits[:, -1]
+            pos += 1
+            if pos % S == 0:
+                state = state.truncate(horizons)
+    finally:
+        raw.train(was_training)
+    return [{"tokens": prompt + new[b], "new_tokens": new[b], "stopped_at_eos": stopped[b]} for b in range(N)]

@@ -154,6 +154,19 @@ def test_generate_midi_from_prompt(workspace, trained, capsys, tmp_path):
     symusic.Score(str(out_mid))  # a readable MIDI file
 
 
+def test_generate_several_samples(workspace, trained, capsys, tmp_path):
+    _, midis = workspace
+    ids = tmp_path / "ids.json"
+    code, out, _ = _run(["generate", "--checkpoint", str(trained / "best.pt"), "--prompt", str(midis / "piece_0.mid"),
+                         "--prompt-tokens", "30", "--out", str(tmp_path / "gen.mid"), "--max-new-tokens", "20",
+                         "--seed", "2", "--num-samples", "3", "--ids-out", str(ids)], capsys)
+    assert code == 0 and out.count("sample ") == 3
+    toks = json.loads(ids.read_text())
+    assert len(toks) == 3 and all(t[:31] == toks[0][:31] for t in toks)  # BOS + the same 30-token prompt
+    for i in (1, 2, 3):
+        symusic.Score(str(tmp_path / f"gen_{i}.mid"))  # readable MIDI files
+
+
 def test_generate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x.mid")])

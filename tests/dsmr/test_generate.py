@@ -106,3 +106,52 @@ def test_generate_bad_input():
         generate(model, [1], 3, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, [1], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Several samples decoded as a batch
+@pytest.mark.parametrize("horizons", [[None, None, None], [3, 0, 7]])
+def test_samples_follow_their_own_context(horizons):
+    """Every sampled token must be in the top-2 of a segment-wise forward over *its own* lane's tokens:
+    lanes that mixed up their caches would break this almost surely."""
+    from dsmr.generate import generate_samples
+
+    torch.manual_seed(0)
+    model = _model(horizons)
+    prompt = torch.randint(3, 23, (7,)).tolist()
+    samples = generate_samples(model, prompt, 16, 4, top_k=2, seed=3)
+    assert len(samples) == 4 and len({tuple(s["tokens"]) for s in samples}) > 1  # lanes really differ
+    for s in samples:
+        toks = s["tokens"]
+        assert toks[:7] == prompt and len(toks) == 7 + 16
+        ref = _segment_forward(model, toks[:-1])
+        top2 = ref.topk(2, dim=-1).indices
+        for p in range(6, len(toks) - 1):
+            assert toks[p + 1] in top2[p].tolist()
+
+
+def test_greedy_samples_equal_single_generation():
+    from dsmr.generate import generate_samples
+
+    model = _model([4, None, 2])
+    prompt = [1, 5, 9, 4, 7, 3]
+    single = generate(model, prompt, 20, temperature=0)["tokens"]
+    for s in generate_samples(model, prompt, 20, 3, temperature=0):
+        assert s["tokens"] == single
+
+
+def test_samples_stop_at_eos_per_lane_and_seed_determinism():
+    from dsmr.generate import generate_samples
+
+    model = _model([None, None, None], vocab=5)  # small vocab: EOS (2) comes soon
+    a = generate_samples(model, [1], 60, 5, seed=11, eos_id=EOS)
+    b = generate_samples(model, [1], 60, 5, seed=11, eos_id=EOS)
+    assert a == b
+    for s in a:
+        if s["stopped_at_eos"]:
+            assert s["new_tokens"][-1] == EOS and EOS not in s["new_tokens"][:-1]
+        else:
+            assert len(s["new_tokens"]) == 60
+    assert any(s["stopped_at_eos"] for s in a)
+    with pytest.raises(ValueError, match="num_samples"):
+        generate_samples(model, [1], 5, 0)
