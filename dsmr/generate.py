@@ -55,6 +55,24 @@ def _check_args(max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
 
 
+def _prepare(raw, prompt, device, seed):
+    """Validated prompt ids, the device, and a (seeded) CPU sampling generator."""
+    vocab = raw.config.vocab_size
+    prompt = [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
+    if not prompt:
+        raise ValueError("prompt must hold at least one id (e.g. BOS)")
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt ids {bad[:5]} lie outside the model's vocab [0, {vocab})")
+    device = next(raw.parameters()).device if device is None else torch.device(device)
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(int(seed))
+    else:
+        gen.seed()
+    return prompt, device, gen
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -90,18 +108,7 @@ def generate(
     raw = model.module if hasattr(model, "module") else model
     cfg = raw.config
     S, horizons = cfg.segment_len, cfg.layer_horizons
-    prompt = [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
-    if not prompt:
-        raise ValueError("prompt must hold at least one id (e.g. BOS)")
-    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"prompt ids {bad[:5]} lie outside the model's vocab [0, {cfg.vocab_size})")
-    device = next(raw.parameters()).device if device is None else torch.device(device)
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(int(seed))
-    else:
-        gen.seed()
+    prompt, device, gen = _prepare(raw, prompt, device, seed)
 
     max_cap = [0] * cfg.n_layers
 
@@ -205,18 +212,7 @@ def generate_samples(
     raw = model.module if hasattr(model, "module") else model
     cfg = raw.config
     S, horizons = cfg.segment_len, cfg.layer_horizons
-    prompt = [int(t) for t in np.asarray(prompt).reshape(-1).tolist()]
-    if not prompt:
-        raise ValueError("prompt must hold at least one id (e.g. BOS)")
-    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"prompt ids {bad[:5]} lie outside the model's vocab [0, {cfg.vocab_size})")
-    device = next(raw.parameters()).device if device is None else torch.device(device)
-    gen = torch.Generator()
-    if seed is not None:
-        gen.manual_seed(int(seed))
-    else:
-        gen.seed()
+    prompt, device, gen = _prepare(raw, prompt, device, seed)
     N = num_samples
     was_training = raw.training
     raw.eval()
