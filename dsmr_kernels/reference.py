@@ -65,7 +65,7 @@ def segment_memory_attention_ref(
         ``(B, H, S, D)`` in the input dtype, or ``(out, lse)``. Differentiable in q, k, v.
     """
     dims = validate_inputs(q, k, v, mem_k, mem_v, mem_len, window)
-    B, H, Hkv, S, M, D = dims.B, dims.H, dims.Hkv, dims.S, dims.M, dims.D
+    S, M, D = dims.S, dims.M, dims.D
     scale = D ** -0.5 if scale is None else float(scale)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
 
