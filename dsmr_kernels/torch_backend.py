@@ -35,7 +35,8 @@ in flash-decoding):
 
 **bf16** on the CPU takes :mod:`dsmr_kernels.torch_tiled` instead (same split-free key space, large
 batched bf16 GEMMs, fp32 softmax; see :data:`BF16_TILES`): ATen's kernel gains little from bf16 on
-CPUs without AMX, the tiled path is 1.1-2x faster than it there. fp32/fp16/fp64 stay on ATen.
+CPUs without AMX, the tiled path is 1.1-2x faster than it there. fp32/fp64 stay on ATen; fp16 is
+computed in fp32 on CPUs without AMX-FP16 (:data:`FP16_UPCAST`), where fp16 GEMMs are emulated.
 
 Other devices (CUDA without Triton, MPS, ...) take :func:`generic_forward`: public APIs only
 (``F.scaled_dot_product_attention`` over ``[valid memory; segment]`` with a boolean mask,
@@ -115,8 +116,13 @@ _MASK_CACHE = _MaskCache(max_bytes=16 << 20, max_entry_bytes=4 << 20)
 
 #: Tile sizes of the bf16 CPU path (:mod:`dsmr_kernels.torch_tiled`); ``None`` sends bf16 through
 #: ATen's flash kernel like the other dtypes. The tiled path is 1.1-2x faster in bf16 on CPUs without
-#: AMX (bench/results/op.md); fp16 stays on ATen because CPU fp16 GEMMs are far slower than fp32 ones.
+#: AMX (bench/results/op.md). fp16 is never tiled: CPU fp16 GEMMs are far slower than fp32 ones (see below).
 BF16_TILES: Optional[TileConfig] = TileConfig()
+
+#: fp16 on the CPU: compute in fp32 and round the output (and gradients) back to fp16. Without
+#: AMX-FP16, CPU fp16 GEMMs are emulated: ATen's fp16 kernel ran 2x (forward) and 6x (forward +
+#: backward) slower than its fp32 kernel at S=512, M=4096. Off where the CPU has AMX-FP16.
+FP16_UPCAST: bool = not (hasattr(torch.cpu, "_is_amx_fp16_supported") and torch.cpu._is_amx_fp16_supported())
 
 
 def mask_cache_nbytes() -> int:
@@ -435,6 +441,28 @@ def generic_forward(
     return out, lse.reshape(B, H, S)
 
 
+def _fp16_via_fp32(q, k, v, mem_k, mem_v, mem_len, scale, window, dims: OpDims, need_lse):
+    """fp16 inputs computed in fp32 (see :data:`FP16_UPCAST`); output fp16, gradients fp16.
+
+    Only the memory slots some query can see are converted (the newest ``max(mem_len)`` slots,
+    at most ``window - 1``), so the extra copy is bounded by what the kernel reads anyway.
+    """
+    if mem_k is not None:
+        lens = [dims.M] * dims.B if mem_len is None else [int(x) for x in mem_len.tolist()]
+        if window is not None:
+            lens = [min(n, window - 1) for n in lens]
+        L = max(lens, default=0)
+        if L == 0:
+            mem_k = mem_v = mem_len = None
+        else:
+            mem_k, mem_v = mem_k[:, :, dims.M - L:].float(), mem_v[:, :, dims.M - L:].float()
+            mem_len = None if mem_len is None else torch.clamp(mem_len, max=L)
+        dims = OpDims(dims.B, dims.H, dims.Hkv, dims.S, L, dims.D)
+    # .float() is differentiable: gradients come back through it as fp16.
+    out, lse = torch_forward(q.float(), k.float(), v.float(), mem_k, mem_v, mem_len, scale, window, dims, need_lse)
+    return out.to(torch.float16), lse
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -459,6 +487,8 @@ def torch_forward(
         return generic_forward(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse)
     if mem_k is not None and dims.M == 0:
         mem_k = mem_v = None
+    if q.dtype == torch.float16 and FP16_UPCAST:
+        return _fp16_via_fp32(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse)
     plan = _make_plan(dims, mem_len, scale, window, q.dtype)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SegmentMemoryAttentionCPU.apply(q, k, v, mem_k, mem_v, plan)

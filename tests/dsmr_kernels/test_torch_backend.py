@@ -170,7 +170,7 @@ def test_return_lse(path, window):
         assert max_err(l0, r0) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("window", [None, 3, 7])
 def test_garbage_in_invalid_slots_reaches_neither_output_nor_grads(path, window, dtype):
@@ -367,3 +367,28 @@ def test_tiled_workspace_is_reused_bounded_and_releasable(monkeypatch):
     assert torch_tiled.workspace_nbytes() == held  # reused, not re-allocated per call
     torch_tiled.release_workspaces()
     assert torch_tiled.workspace_nbytes() == 0
+
+
+# ------------------------------------------------------------------------------------------
+# fp16 on the CPU: computed in fp32 unless the CPU has AMX-FP16
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("window", [None, 5])
+def test_fp16_is_computed_in_fp32_and_returned_in_fp16(window, monkeypatch):
+    monkeypatch.setattr(tb, "FP16_UPCAST", True)
+    q, k, v, mk, mv, ml = make_inputs(3, 4, 2, 9, 12, 16, torch.float16, mem_len=[12, 0, 7])
+    do = torch.randn(3, 4, 9, 16).to(torch.float16)
+    fast = forward_backward(_torch_op, q, k, v, mk, mv, ml, do, window=window)
+    f32 = forward_backward(_torch_op, *(_to(t, torch.float32) for t in (q, k, v, mk, mv)), ml,
+                           do.float(), window=window)
+    for a, b in zip(fast, f32):
+        assert a.dtype == torch.float16
+        assert torch.equal(a, b.to(torch.float16))  # exactly the fp32 result, rounded once
+    out, lse = _torch_op(q, k, v, mk, mv, ml, window=window, return_lse=True)
+    assert lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_fp16_paths_match_reference(upcast, monkeypatch):
+    monkeypatch.setattr(tb, "FP16_UPCAST", upcast)
+    _check_against_golden(_torch_op, torch.float16, 3, 4, 2, 17, 30, 16, None, mem_len=[30, 0, 11])
+    _check_against_golden(_torch_op, torch.float16, 3, 4, 1, 17, 30, 16, 6, mem_len=[30, 0, 11])
