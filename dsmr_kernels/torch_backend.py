@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -204,6 +204,14 @@ class _Plan:
     tiles: Optional[TileConfig] = None  # set: the bf16 tiled path (torch_tiled) runs this call
 
 
+def _visible_lens(B: int, M: int, mem_len: Optional[torch.Tensor], window: Optional[int]) -> List[int]:
+    """Per lane, how many of the newest memory slots some query can see (one host read of mem_len)."""
+    lens = [M] * B if mem_len is None else [int(x) for x in mem_len.tolist()]
+    if window is not None:
+        lens = [min(n, window - 1) for n in lens]  # older slots are outside every query's window
+    return lens
+
+
 def _make_plan(dims: OpDims, mem_len: Optional[torch.Tensor], scale: float, window: Optional[int],
                dtype: torch.dtype) -> _Plan:
     B, S, M = dims.B, dims.S, dims.M
@@ -211,9 +219,7 @@ def _make_plan(dims: OpDims, mem_len: Optional[torch.Tensor], scale: float, wind
     runs: List[Tuple[int, int, int]] = []
     lens = [0] * B
     if M > 0 and B > 0 and R > 0:
-        lens = [M] * B if mem_len is None else [int(x) for x in mem_len.tolist()]
-        if window is not None:
-            lens = [min(n, window - 1) for n in lens]  # older slots are outside every query's window
+        lens = _visible_lens(B, M, mem_len, window)
         b0 = 0
         for b in range(1, B + 1):
             if b == B or lens[b] != lens[b0]:
@@ -399,11 +405,7 @@ def generic_forward(
     if B == 0:
         lse = torch.empty(0, H, S, dtype=_acc_dtype(q.dtype), device=dev) if need_lse else None
         return q.new_empty(0, H, S, D) + 0 * (q.sum() + k.sum() + v.sum()), lse
-    lens = None
-    if M > 0:
-        lens = [M] * B if mem_len is None else [int(x) for x in mem_len.tolist()]
-        if window is not None:
-            lens = [min(n, window - 1) for n in lens]
+    lens = _visible_lens(B, M, mem_len, window) if M > 0 else None
     L = 0 if lens is None else max(lens)
     if L > 0:
         mk, mv = mem_k[:, :, M - L:], mem_v[:, :, M - L:]
@@ -441,28 +443,6 @@ def generic_forward(
     return out, lse.reshape(B, H, S)
 
 
-def _fp16_via_fp32(q, k, v, mem_k, mem_v, mem_len, scale, window, dims: OpDims, need_lse):
-    """fp16 inputs computed in fp32 (see :data:`FP16_UPCAST`); output fp16, gradients fp16.
-
-    Only the memory slots some query can see are converted (the newest ``max(mem_len)`` slots,
-    at most ``window - 1``), so the extra copy is bounded by what the kernel reads anyway.
-    """
-    if mem_k is not None:
-        lens = [dims.M] * dims.B if mem_len is None else [int(x) for x in mem_len.tolist()]
-        if window is not None:
-            lens = [min(n, window - 1) for n in lens]
-        L = max(lens, default=0)
-        if L == 0:
-            mem_k = mem_v = mem_len = None
-        else:
-            mem_k, mem_v = mem_k[:, :, dims.M - L:].float(), mem_v[:, :, dims.M - L:].float()
-            mem_len = None if mem_len is None else torch.clamp(mem_len, max=L)
-        dims = OpDims(dims.B, dims.H, dims.Hkv, dims.S, L, dims.D)
-    # .float() is differentiable: gradients come back through it as fp16.
-    out, lse = torch_forward(q.float(), k.float(), v.float(), mem_k, mem_v, mem_len, scale, window, dims, need_lse)
-    return out.to(torch.float16), lse
-
-
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -487,9 +467,19 @@ def torch_forward(
         return generic_forward(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse)
     if mem_k is not None and dims.M == 0:
         mem_k = mem_v = None
-    if q.dtype == torch.float16 and FP16_UPCAST:
-        return _fp16_via_fp32(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse)
     plan = _make_plan(dims, mem_len, scale, window, q.dtype)
+    if q.dtype == torch.float16 and FP16_UPCAST:
+        # Computed in fp32 (see FP16_UPCAST) on the visible memory slots only: the newest max(lens),
+        # which the plan's per-lane runs read from the right end whatever M is. .float() is
+        # differentiable, so gradients come back to q, k, v as fp16.
+        L = max(plan.lens, default=0)
+        mem_k, mem_v = (mem_k[:, :, plan.M - L:].float(), mem_v[:, :, plan.M - L:].float()) if L else (None, None)
+        out, lse = _cpu_apply(q.float(), k.float(), v.float(), mem_k, mem_v, replace(plan, M=L))
+        return out.to(torch.float16), lse
+    return _cpu_apply(q, k, v, mem_k, mem_v, plan)
+
+
+def _cpu_apply(q, k, v, mem_k, mem_v, plan: _Plan):
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _SegmentMemoryAttentionCPU.apply(q, k, v, mem_k, mem_v, plan)
     return _cpu_forward_any(q, k, v, mem_k, mem_v, plan)
