@@ -73,6 +73,81 @@ def _prepare(raw, prompt, device, seed):
     return prompt, device, gen
 
 
+def _repeat_state(state, n: int):
+    """``state`` of one lane repeated into ``n`` independent lanes (own memory copies)."""
+    from dsmr_kernels import AttentionState
+
+    from .model import ModelState
+
+    def rep(t):
+        return None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))
+
+    return ModelState([AttentionState(rep(s.mem_k), rep(s.mem_v), rep(s.mem_len), rep(s.pos))
+                       for s in state.layers])
+
+
+def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eos, device, progress,
+            on_forward=None):
+    """The loop behind :func:`generate` and :func:`generate_samples` (see the module docstring).
+
+    Runs the prompt once (batch 1), copies its state into ``n`` lanes (n > 1), then samples one
+    token per lane per step. ``on_forward(logits (n, t, V), state)`` sees every forward before
+    any truncation. Returns ``(new ids per lane, stopped-at-EOS per lane)``.
+    """
+    S, horizons = raw.config.segment_len, raw.config.layer_horizons
+    was_training = raw.training
+    raw.eval()
+    new = [[] for _ in range(n)]
+    stopped = [False] * n
+
+    def forward(x, state, truncate=True):
+        logits, state = raw(x, state, truncate=truncate)
+        if on_forward is not None:
+            on_forward(logits, state)
+        return logits, state
+
+    try:
+        toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
+        P = toks.shape[1]
+        state = raw.init_state(1, device)
+        full = P - P % S
+        logits = None
+        for s0 in range(0, full, S):
+            logits, state = forward(toks[:, s0:s0 + S], state)  # (1, S, V), memory truncated
+        if P > full:
+            # A partial segment: keep its keys untruncated, later tokens of this segment see them.
+            logits, state = forward(toks[:, full:], state, truncate=False)
+        if n > 1:
+            state = _repeat_state(state, n)
+        last = logits[:, -1].expand(n, -1)  # (n, V): every lane starts from the prompt's last logits
+        pos = P
+        from tqdm.auto import tqdm
+
+        desc = "generate" if n == 1 else f"generate x{n}"
+        for i in tqdm(range(max_new_tokens), desc=desc, disable=not progress, leave=False):
+            step = []
+            for b in range(n):
+                if stopped[b]:
+                    step.append(eos_id)  # fed so the batch stays rectangular, never kept
+                    continue
+                tok = sample_next(last[b], generator=gen, **sampling)
+                new[b].append(tok)
+                step.append(tok)
+                if stop_at_eos and eos_id is not None and tok == eos_id:
+                    stopped[b] = True
+            if all(stopped) or i == max_new_tokens - 1:
+                break  # the last token is never fed back
+            step_in = torch.tensor(step, dtype=torch.long, device=device)[:, None]  # (n, 1)
+            logits, state = forward(step_in, state, truncate=False)
+            last = logits[:, -1]
+            pos += 1
+            if pos % S == 0:
+                state = state.truncate(horizons)
+    finally:
+        raw.train(was_training)
+    return new, stopped
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -106,77 +181,26 @@ def generate(
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
     raw = model.module if hasattr(model, "module") else model
-    cfg = raw.config
-    S, horizons = cfg.segment_len, cfg.layer_horizons
     prompt, device, gen = _prepare(raw, prompt, device, seed)
-
-    max_cap = [0] * cfg.n_layers
-
-    def track(st):
-        for i, s in enumerate(st.layers):
-            max_cap[i] = max(max_cap[i], s.capacity)
-
-    was_training = raw.training
-    raw.eval()
+    max_cap = [0] * raw.config.n_layers
     all_logits = []
-    try:
-        toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
-        P = toks.shape[1]
-        state = raw.init_state(1, device)
-        full = P - P % S
-        logits = None
-        for s0 in range(0, full, S):
-            logits, state = raw(toks[:, s0:s0 + S], state)  # (1, S, V), memory truncated
-            track(state)
-            if return_logits:  # only when asked: 64k tokens x vocab would pile up
-                all_logits.append(logits[0])
-        if P > full:
-            # A partial segment: keep its keys untruncated, later tokens of this segment see them.
-            logits, state = raw(toks[:, full:], state, truncate=False)
-            track(state)
-            if return_logits:  # only when asked: 64k tokens x vocab would pile up
-                all_logits.append(logits[0])
-        pos = P
-        new, stopped = [], False
-        from tqdm.auto import tqdm
 
-        for i in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
-            tok = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-            new.append(tok)
-            if stop_at_eos and eos_id is not None and tok == eos_id:
-                stopped = True
-                break
-            if i == max_new_tokens - 1:
-                break  # the last token is never fed back
-            step_in = torch.tensor([[tok]], dtype=torch.long, device=device)  # (1, 1)
-            logits, state = raw(step_in, state, truncate=False)
-            pos += 1
-            track(state)
-            if return_logits:  # only when asked: 64k tokens x vocab would pile up
-                all_logits.append(logits[0])
-            if pos % S == 0:
-                state = state.truncate(horizons)
-    finally:
-        raw.train(was_training)
+    def on_forward(logits, state):
+        for i, s in enumerate(state.layers):
+            max_cap[i] = max(max_cap[i], s.capacity)
+        if return_logits:  # only when asked: 64k tokens x vocab would pile up
+            all_logits.append(logits[0])
 
-    out = {"tokens": prompt + new, "new_tokens": new, "stopped_at_eos": stopped, "max_capacity": max_cap}
+    new, stopped = _decode(raw, prompt, max_new_tokens, 1,
+                           sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), gen=gen,
+                           eos_id=eos_id, stop_at_eos=stop_at_eos, device=device, progress=progress,
+                           on_forward=on_forward)
+    new = new[0]
+    out = {"tokens": prompt + new, "new_tokens": new, "stopped_at_eos": stopped[0], "max_capacity": max_cap}
     if return_logits:
         lg = torch.cat(all_logits, 0).float().cpu()  # (T, V) rows for every fed position
         out["logits"] = lg[: len(prompt) + len(new) - 1]
     return out
-
-
-def _repeat_state(state, n: int):
-    """``state`` of one lane repeated into ``n`` independent lanes (own memory copies)."""
-    from dsmr_kernels import AttentionState
-
-    from .model import ModelState
-
-    def rep(t):
-        return None if t is None else t.repeat(n, *([1] * (t.dim() - 1)))
-
-    return ModelState([AttentionState(rep(s.mem_k), rep(s.mem_v), rep(s.mem_len), rep(s.pos))
-                       for s in state.layers])
 
 
 @torch.no_grad()
@@ -210,48 +234,8 @@ def generate_samples(
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
     raw = model.module if hasattr(model, "module") else model
-    cfg = raw.config
-    S, horizons = cfg.segment_len, cfg.layer_horizons
     prompt, device, gen = _prepare(raw, prompt, device, seed)
-    N = num_samples
-    was_training = raw.training
-    raw.eval()
-    new = [[] for _ in range(N)]
-    stopped = [False] * N
-    try:
-        toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
-        P = toks.shape[1]
-        state = raw.init_state(1, device)
-        full = P - P % S
-        logits = None
-        for s0 in range(0, full, S):
-            logits, state = raw(toks[:, s0:s0 + S], state)
-        if P > full:
-            logits, state = raw(toks[:, full:], state, truncate=False)
-        state = _repeat_state(state, N)
-        last = logits[:, -1].expand(N, -1)  # (N, V): every lane starts from the prompt's last logits
-        pos = P
-        from tqdm.auto import tqdm
-
-        for i in tqdm(range(max_new_tokens), desc=f"generate x{N}", disable=not progress, leave=False):
-            step = []
-            for b in range(N):
-                if stopped[b]:
-                    step.append(eos_id if eos_id is not None else 0)  # fed but never kept
-                    continue
-                tok = sample_next(last[b], temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-                new[b].append(tok)
-                step.append(tok)
-                if stop_at_eos and eos_id is not None and tok == eos_id:
-                    stopped[b] = True
-            if all(stopped) or i == max_new_tokens - 1:
-                break
-            step_in = torch.tensor(step, dtype=torch.long, device=device)[:, None]  # (N, 1)
-            logits, state = raw(step_in, state, truncate=False)
-            last = logits[:, -1]
-            pos += 1
-            if pos % S == 0:
-                state = state.truncate(horizons)
-    finally:
-        raw.train(was_training)
-    return [{"tokens": prompt + new[b], "new_tokens": new[b], "stopped_at_eos": stopped[b]} for b in range(N)]
+    new, stopped = _decode(raw, prompt, max_new_tokens, num_samples,
+                           sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), gen=gen,
+                           eos_id=eos_id, stop_at_eos=stop_at_eos, device=device, progress=progress)
+    return [{"tokens": prompt + n, "new_tokens": n, "stopped_at_eos": st} for n, st in zip(new, stopped)]
