@@ -175,9 +175,10 @@ def diagnose_bf16(reps: int, threads: int) -> List[dict]:
     """
     from dsmr_kernels import segment_memory_attention
     from dsmr_kernels import torch_backend as tb
+    from dsmr_kernels.torch_tiled import DEFAULT_TILES
 
     M = 4096
-    tiles = tb.BF16_TILES or __import__("dsmr_kernels.torch_tiled", fromlist=["TileConfig"]).TileConfig()
+    tiles = tb.BF16_TILES or DEFAULT_TILES
     rows = []
     fns: Dict[str, Callable] = {}
 

@@ -319,13 +319,7 @@ def cmd_diagnose(args) -> int:
     print(f"over the {res['window']:,} tokens after R: NLL {res['nll_after_normal']:.4f} normal vs "
           f"{res['nll_after_wiped']:.4f} wiped; area under the increase {res['auc']:.2f} "
           f"(mean {res['mean_increase']:.4f} nats/token)")
-    rows = [[label, f"{b['tokens']:,}", f"{b['mean_increase']:+.4f}"] for label, b in res["buckets"].items()]
-    _print_table(["distance after R", "tokens", "mean NLL increase"], rows)
-    if args.plot:
-        print(f"plot: {args.plot}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(res, indent=2))
-    return 0
+    return _finish_diagnose(args, res, "tokens")
 
 
 def _diagnose_pieces(args, model, cache, pieces, names) -> int:
@@ -357,8 +351,13 @@ def _diagnose_pieces(args, model, cache, pieces, names) -> int:
         print(f"  skipped {s['piece']}: {s['reason']}")
     print(f"pooled over every token after R: mean NLL increase {res['mean_increase']:+.4f} nats/token; "
           f"mean area per piece {res['mean_auc_per_piece']:.2f}")
+    return _finish_diagnose(args, res, "tokens (all pieces)")
+
+
+def _finish_diagnose(args, res: dict, tokens_header: str) -> int:
+    """The by-distance bucket table, the plot path and the JSON: shared by one piece and many."""
     rows = [[label, f"{b['tokens']:,}", f"{b['mean_increase']:+.4f}"] for label, b in res["buckets"].items()]
-    _print_table(["distance after R", "tokens (all pieces)", "mean NLL increase"], rows)
+    _print_table(["distance after R", tokens_header, "mean NLL increase"], rows)
     if args.plot:
         print(f"plot: {args.plot}")
     if args.json:
