@@ -261,6 +261,9 @@ def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, 
     dv_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
     groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
     ws = _workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 2, 2, dt)
+    # [V, 1, 1] tiles for the dP - delta GEMM: one flat buffer per call, viewed per tile.
+    va_buf = torch.empty(max((b1 - b0) for b0, b1, _ in groups) * Hkv * tiles.cols * (D + 2), dtype=dt,
+                         device=q.device)
     for b0, b1, L in groups:
         nb = b1 - b0
         kv_rows = slice(b0 * Hkv, b1 * Hkv)
@@ -288,7 +291,7 @@ def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, 
                 p = _scores(qf, kt, c, mask, G, ws.b16[0], ws.b32[0]).sub_(lf).exp2_()  # final-LSE probabilities
                 shape = p.shape
                 pb = _Workspace.view(ws.b16[0], shape).copy_(p)
-                va = torch.empty(vt.shape[0], vt.shape[1], D + 2, dtype=dt, device=q.device)
+                va = _Workspace.view(va_buf, (vt.shape[0], vt.shape[1], D + 2))
                 va[..., :D] = vt
                 va[..., D:] = 1
                 dp = _Workspace.view(ws.b16[1], shape)
