@@ -293,7 +293,7 @@ class DSMRAttention(nn.Module):
         B, Hkv, M, D = mem_k.shape
         S = k.shape[2]
         buf, a = state._buf if state._buf is not None else (None, 0)
-        b = a + M
+        b = a + M  # end of state's view in its buffer
         usable = (
             buf is not None and buf.fill == b and mem_k is state.mem_k and b + S <= buf.capacity
         )
@@ -304,8 +304,7 @@ class DSMRAttention(nn.Module):
             nv = v.new_empty(B, Hkv, room, D)
             nk[:, :, :keep] = mem_k[:, :, M - keep:]
             nv[:, :, :keep] = mem_v[:, :, M - keep:]
-            buf, a, b = _KVBuffer(nk, nv, keep), 0, keep
-            keep_from = 0
+            buf, b, keep_from = _KVBuffer(nk, nv, keep), keep, 0
         else:
             keep_from = b - keep
         buf.k[:, :, b:b + S] = k
