@@ -392,3 +392,50 @@ def test_fp16_paths_match_reference(upcast, monkeypatch):
     monkeypatch.setattr(tb, "FP16_UPCAST", upcast)
     _check_against_golden(_torch_op, torch.float16, 3, 4, 2, 17, 30, 16, None, mem_len=[30, 0, 11])
     _check_against_golden(_torch_op, torch.float16, 3, 4, 1, 17, 30, 16, 6, mem_len=[30, 0, 11])
+
+
+def test_tiled_parts_split_kv_heads_then_lanes():
+    from dsmr_kernels.torch_tiled import _parts
+
+    assert _parts(3, 4, 1) == [(0, 3, 0, 4)]
+    assert _parts(3, 4, 2) == [(0, 3, 0, 2), (0, 3, 2, 4)]
+    assert _parts(3, 1, 2) == [(0, 1, 0, 1), (1, 3, 0, 1)] or _parts(3, 1, 2) == [(0, 2, 0, 1), (2, 3, 0, 1)]
+    assert _parts(1, 1, 2) == [(0, 1, 0, 1)]  # nothing to split: one chunk on intra-op threads
+    assert _parts(0, 4, 2) == [(0, 0, 0, 4)]
+
+
+@pytest.mark.parametrize("Hkv,mem_len", [(4, [9, 0, 5]), (1, [9, 0, 5]), (2, [9, 9, 9])])
+def test_tiled_thread_chunks_equal_one_thread(Hkv, mem_len):
+    """Chunks over kv heads or lanes on pool threads give the one-thread result, and the caller's
+    intra-op thread count is restored."""
+    q, k, v, mk, mv, ml = make_inputs(3, 4, Hkv, 21, 9, 16, torch.bfloat16, mem_len=mem_len)
+    do = torch.randn(3, 4, 21, 16).to(torch.bfloat16)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = forward_backward(_torch_op, q, k, v, mk, mv, ml, do, window=7)
+        torch.set_num_threads(2)
+        two = forward_backward(_torch_op, q, k, v, mk, mv, ml, do, window=7)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], one, two):
+        assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=0), name
+
+
+def test_tiled_pool_survives_fork():
+    """A forked child (e.g. a DataLoader worker) gets a fresh pool instead of the parent's dead threads."""
+    import multiprocessing as mp
+
+    q, k, v, mk, mv, ml = make_inputs(2, 4, 2, 9, 6, 16, torch.bfloat16, requires_grad=False)
+    _torch_op(q, k, v, mk, mv, ml)  # the parent's pool exists now
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        res = pool.apply_async(_child_op, ()).get(timeout=60)
+    assert res
+
+
+def _child_op():
+    torch.set_num_threads(2)
+    q, k, v, mk, mv, ml = make_inputs(2, 4, 2, 9, 6, 16, torch.bfloat16, requires_grad=False)
+    return bool(torch.isfinite(_torch_op(q, k, v, mk, mv, ml).float()).all())
