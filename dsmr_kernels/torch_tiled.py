@@ -348,20 +348,6 @@ def _pool(n: int) -> ThreadPoolExecutor:
         return _POOL
 
 
-#: Score entries below which one more thread costs more (GIL hand-offs, smaller GEMMs) than it saves.
-_MIN_ENTRIES_PER_THREAD = 1 << 20
-
-
-def _plan_threads(B: int, H: int, S: int, lens: List[int], Hkv: int):
-    """``(parts, intra_op)``: the chunks to run, and whether a single chunk keeps torch's intra-op
-    threads (only when the work is large but cannot be split: one lane with one kv head)."""
-    threads = torch.get_num_threads()
-    entries = H * S * (sum(lens) + B * S)
-    useful = max(1, min(threads, entries // _MIN_ENTRIES_PER_THREAD))
-    parts = _parts(B, Hkv, useful)
-    return parts, len(parts) == 1 and useful > 1
-
-
 def _parts(B: int, Hkv: int, threads: int) -> List[Tuple[int, int, int, int]]:
     """``(b0, b1, h0, h1)`` chunks of lanes x kv heads, one per thread: kv heads when there are
     enough, else lanes, else a single chunk (which then keeps torch's intra-op threads)."""
@@ -377,23 +363,17 @@ def _parts(B: int, Hkv: int, threads: int) -> List[Tuple[int, int, int, int]]:
 
 
 def _run_parts(fn, parts) -> None:
-    """Run ``fn(part)`` for every part, each with one intra-op thread: the first on the calling
-    thread, the others on the pool."""
+    """Run ``fn(part)`` for every part on the pool, each with one intra-op thread."""
     prev = torch.get_num_threads()
 
     def one(part):
-        torch.set_num_threads(1)  # this pool thread's OpenMP setting
+        torch.set_num_threads(1)  # this pool thread's OpenMP setting; the caller's is restored below
         with torch.no_grad():
             fn(part)
 
-    torch.set_num_threads(1)  # the caller's, restored below
     try:
-        futures = [_pool(len(parts) - 1).submit(one, p) for p in parts[1:]] if len(parts) > 1 else []
-        try:
-            fn(parts[0])
-        finally:
-            for f in futures:
-                f.result()
+        for f in [_pool(len(parts)).submit(one, p) for p in parts]:
+            f.result()
     finally:
         torch.set_num_threads(prev)
 
@@ -413,8 +393,8 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    parts, intra_op = _plan_threads(B, H, S, lens, Hkv)
-    if intra_op:
+    parts = _parts(B, Hkv, torch.get_num_threads())
+    if len(parts) == 1:
         return _forward_chunk(q, k, v, mem_k, mem_v, lens, M, scale, window, cache, tiles)
     out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
@@ -443,8 +423,8 @@ def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, 
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    parts, intra_op = _plan_threads(B, H, S, lens, Hkv)
-    if intra_op:
+    parts = _parts(B, Hkv, torch.get_num_threads())
+    if len(parts) == 1:
         return _backward_chunk(g, q, k, v, mem_k, mem_v, out, lse, lens, M, scale, window, cache,
                                need_q, need_kv, tiles)
     dq = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device) if need_q else None
