@@ -24,16 +24,11 @@ of one GEMM augmented with two columns, so bf16 rounding is relative to that dif
 Memory: temporaries are bounded by ``tile_elems`` score entries per tile (lanes are processed
 in groups to respect it), independent of the memory length M; tile buffers are kept between
 calls (:func:`release_workspaces`).
-
-Threads: independent (lane, kv head) chunks run on a small pool of Python threads, each with one
-intra-op thread (see ``_run_parts`` for why).
 """
 from __future__ import annotations
 
 import math
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
@@ -152,21 +147,14 @@ class _Workspace:
         return buf[: math.prod(shape)].view(shape)
 
 
-# Per thread (each pool thread works on its own chunk): {thread ident: {key: _Workspace}}.
-_WORKSPACES: dict = {}
-_WS_LOCK = threading.Lock()
+_WORKSPACES = threading.local()
 
 
 def _workspace(elems: int, device, n16: int, n32: int, dtype) -> _Workspace:
-    """The calling thread's buffers for ``(device, dtype, n16, n32)``, grown to ``elems`` if smaller."""
-    me = threading.get_ident()
-    store = _WORKSPACES.get(me)
+    """This thread's buffers for ``(device, dtype, n16, n32)``, grown to ``elems`` if smaller."""
+    store = getattr(_WORKSPACES, "store", None)
     if store is None:
-        with _WS_LOCK:
-            alive = {t.ident for t in threading.enumerate()}
-            for ident in [i for i in _WORKSPACES if i not in alive]:  # threads that ended
-                del _WORKSPACES[ident]
-            store = _WORKSPACES[me] = {}
+        store = _WORKSPACES.store = {}
     key = (str(device), dtype, n16, n32)
     ws = store.get(key)
     if ws is None or ws.b32[0].numel() < elems:
@@ -175,18 +163,14 @@ def _workspace(elems: int, device, n16: int, n32: int, dtype) -> _Workspace:
 
 
 def release_workspaces() -> None:
-    """Free the tile buffers kept between calls, in every thread (re-created on demand).
-
-    Call it between calls, not while another thread is inside the op."""
-    with _WS_LOCK:
-        _WORKSPACES.clear()
+    """Free the tile buffers this thread keeps between calls (they are re-created on demand)."""
+    _WORKSPACES.store = {}
 
 
 def workspace_nbytes() -> int:
-    """Bytes of tile buffers currently kept, over all threads."""
-    with _WS_LOCK:
-        stores = list(_WORKSPACES.values())
-    return sum(t.numel() * t.element_size() for st in stores for ws in st.values() for t in ws.b16 + ws.b32)
+    """Bytes of tile buffers this thread currently keeps."""
+    store = getattr(_WORKSPACES, "store", None) or {}
+    return sum(t.numel() * t.element_size() for ws in store.values() for t in ws.b16 + ws.b32)
 
 
 def _scores(qf, kt, c: float, mask: Optional[torch.Tensor], G: int, s16: torch.Tensor, s32: torch.Tensor):
@@ -203,8 +187,9 @@ def _scores(qf, kt, c: float, mask: Optional[torch.Tensor], G: int, s16: torch.T
     return f
 
 
-def _forward_chunk(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, window: Optional[int],
-                   cache, tiles: TileConfig):
+@torch.no_grad()
+def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, window: Optional[int],
+                  cache, tiles: TileConfig = DEFAULT_TILES):
     """Forward. q: (B, H, S, D); k, v: (B, Hkv, S, D); mem_k, mem_v: (B, Hkv, M, D) or None.
 
     ``lens[b]``: valid memory slots of lane ``b`` (already clipped to ``window - 1``).
@@ -254,8 +239,10 @@ def _forward_chunk(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float,
     return out, lse
 
 
-def _backward_chunk(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, scale: float,
-                    window: Optional[int], cache, need_q: bool, need_kv: bool, tiles: TileConfig):
+@torch.no_grad()
+def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, scale: float,
+                   window: Optional[int], cache, need_q: bool, need_kv: bool,
+                   tiles: TileConfig = DEFAULT_TILES):
     """Backward (FA2 style, recomputing scores): returns ``(dq, dk, dv)`` in q.dtype (None if not needed).
 
     g, out: (B, H, S, D); lse: (B, H, S) fp32 natural log, the *final* one from the forward.
@@ -322,127 +309,4 @@ def _backward_chunk(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int,
                 dq[b0:b1, :, r0:r1] = dq_acc.mul_(scale).view(nb, H, Rb, D)
     dk = dk_acc.mul_(scale).view(B, Hkv, S, D).to(dt) if need_kv else None
     dv = dv_acc.view(B, Hkv, S, D).to(dt) if need_kv else None
-    return dq, dk, dv
-
-
-# --------------------------------------------------------------------------------------------
-# Parallelism: Python threads over (lane, kv head) chunks, one intra-op thread each
-# --------------------------------------------------------------------------------------------
-# Each tile is ~10 elementwise ops and GEMMs. With torch's intra-op (OpenMP) threads every one of
-# them is a parallel region ending in a barrier, and when other processes compete for the cores
-# the spin-waiting at those barriers made a call up to 70x slower (3 s instead of 40 ms at S=512,
-# M=4096 next to two busy test runs; ATen's single-region kernel slowed 3x). Splitting the
-# independent (lane, kv head) slabs over Python threads that each run their ops on one intra-op
-# thread has no barriers at all, and is as fast on an idle machine (torch ops release the GIL).
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_PID = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_PID
-    with _POOL_LOCK:
-        # A forked child inherits the executor object but not its threads: start a fresh one.
-        if _POOL is None or _POOL_PID != os.getpid() or _POOL._max_workers < n:
-            _POOL, _POOL_PID = ThreadPoolExecutor(max_workers=n, thread_name_prefix="dsmr-tiled"), os.getpid()
-        return _POOL
-
-
-def _parts(B: int, Hkv: int, threads: int) -> List[Tuple[int, int, int, int]]:
-    """``(b0, b1, h0, h1)`` chunks of lanes x kv heads, one per thread: kv heads when there are
-    enough, else lanes, else a single chunk (which then keeps torch's intra-op threads)."""
-    if threads <= 1 or B == 0:
-        return [(0, B, 0, Hkv)]
-    if Hkv >= threads:
-        cuts = [round(i * Hkv / threads) for i in range(threads + 1)]
-        return [(0, B, cuts[i], cuts[i + 1]) for i in range(threads)]
-    if B >= threads:
-        cuts = [round(i * B / threads) for i in range(threads + 1)]
-        return [(cuts[i], cuts[i + 1], 0, Hkv) for i in range(threads)]
-    return [(0, B, 0, Hkv)]
-
-
-def _run_parts(fn, parts) -> None:
-    """Run ``fn(part)`` for every part on the pool, each with one intra-op thread."""
-    prev = torch.get_num_threads()
-
-    def one(part):
-        torch.set_num_threads(1)  # this pool thread's OpenMP setting; the caller's is restored below
-        with torch.no_grad():
-            fn(part)
-
-    try:
-        for f in [_pool(len(parts)).submit(one, p) for p in parts]:
-            f.result()
-    finally:
-        torch.set_num_threads(prev)
-
-
-def _sl(t: Optional[torch.Tensor], b0: int, b1: int, h0: int, h1: int) -> Optional[torch.Tensor]:
-    return None if t is None else t[b0:b1, h0:h1]
-
-
-@torch.no_grad()
-def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, window: Optional[int],
-                  cache, tiles: TileConfig = DEFAULT_TILES):
-    """Forward. q: (B, H, S, D); k, v: (B, Hkv, S, D); mem_k, mem_v: (B, Hkv, M, D) or None.
-
-    ``lens[b]``: valid memory slots of lane ``b`` (already clipped to ``window - 1``).
-    Returns ``out`` (B, H, S, D) in q.dtype and ``lse`` (B, H, S) fp32 (natural log).
-    """
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    parts = _parts(B, Hkv, torch.get_num_threads())
-    if len(parts) == 1:
-        return _forward_chunk(q, k, v, mem_k, mem_v, lens, M, scale, window, cache, tiles)
-    out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
-
-    def run(part):
-        b0, b1, h0, h1 = part
-        o, l = _forward_chunk(_sl(q, b0, b1, h0 * G, h1 * G), _sl(k, b0, b1, h0, h1), _sl(v, b0, b1, h0, h1),
-                              _sl(mem_k, b0, b1, h0, h1), _sl(mem_v, b0, b1, h0, h1), lens[b0:b1], M, scale,
-                              window, cache, tiles)
-        out[b0:b1, h0 * G:h1 * G] = o
-        lse[b0:b1, h0 * G:h1 * G] = l
-
-    _run_parts(run, parts)
-    return out, lse
-
-
-@torch.no_grad()
-def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, scale: float,
-                   window: Optional[int], cache, need_q: bool, need_kv: bool,
-                   tiles: TileConfig = DEFAULT_TILES):
-    """Backward (FA2 style, recomputing scores): returns ``(dq, dk, dv)`` in q.dtype (None if not needed).
-
-    g, out: (B, H, S, D); lse: (B, H, S) fp32 natural log, the *final* one from the forward.
-    ``dS = P * (dP - rowsum(dO * O))``; dq over all tiles, dk/dv from segment tiles only.
-    """
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    parts = _parts(B, Hkv, torch.get_num_threads())
-    if len(parts) == 1:
-        return _backward_chunk(g, q, k, v, mem_k, mem_v, out, lse, lens, M, scale, window, cache,
-                               need_q, need_kv, tiles)
-    dq = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device) if need_q else None
-    dk = torch.empty(B, Hkv, S, D, dtype=q.dtype, device=q.device) if need_kv else None
-    dv = torch.empty(B, Hkv, S, D, dtype=q.dtype, device=q.device) if need_kv else None
-
-    def run(part):
-        b0, b1, h0, h1 = part
-        hq = (b0, b1, h0 * G, h1 * G)
-        hk = (b0, b1, h0, h1)
-        a, b, c = _backward_chunk(_sl(g, *hq), _sl(q, *hq), _sl(k, *hk), _sl(v, *hk), _sl(mem_k, *hk),
-                                  _sl(mem_v, *hk), _sl(out, *hq), _sl(lse, *hq), lens[b0:b1], M, scale,
-                                  window, cache, need_q, need_kv, tiles)
-        if need_q:
-            dq[b0:b1, h0 * G:h1 * G] = a
-        if need_kv:
-            dk[b0:b1, h0:h1] = b
-            dv[b0:b1, h0:h1] = c
-
-    _run_parts(run, parts)
     return dq, dk, dv
