@@ -31,6 +31,8 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .model import DSMRConfig, DSMRModel, ModelState
+
 FORMAT = "dsmr-checkpoint"
 VERSION = 1
 _TMP_MARK = ".tmp-"
@@ -83,7 +85,7 @@ def set_rng_state(d: dict) -> None:
 def make_checkpoint(*, model, optimizer, scheduler, step: int, epoch: int, model_config, train_config,
                     tokenizer_config: Optional[dict], vocab: dict, data: list, memory: list, rng: list,
                     world_size: int = 1, best_val_ppl: Optional[float] = None,
-                    val: Optional[dict] = None) -> dict:
+                    val: Optional[dict] = None, scaler=None) -> dict:
     """Assemble the checkpoint dict (see the module docstring)."""
     return {
         "format": FORMAT,
@@ -91,6 +93,7 @@ def make_checkpoint(*, model, optimizer, scheduler, step: int, epoch: int, model
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else {},
         "step": int(step),
         "epoch": int(epoch),
         "model_config": model_config.to_dict(),
@@ -200,8 +203,6 @@ def load_model(path: PathLike, device: Any = "cpu") -> Tuple["torch.nn.Module", 
     ``train_config``, ``tokenizer_config``, ``vocab`` (``{vocab_size, pad_id, bos_id, eos_id}``),
     ``best_val_ppl``, ``val`` and ``path``.
     """
-    from .model import DSMRConfig, DSMRModel
-
     ck = load_checkpoint(path, map_location="cpu")
     config = DSMRConfig.from_dict(dict(ck["model_config"]))
     model = DSMRModel(config)
@@ -214,3 +215,36 @@ def load_model(path: PathLike, device: Any = "cpu") -> Tuple["torch.nn.Module", 
                                    "vocab", "best_val_ppl", "val")}
     info["path"] = str(path)
     return model, info
+
+
+def restore_training(path: PathLike, *, model, optimizer, scheduler, scaler, batcher, model_config,
+                     rank: int = 0, world_size: int = 1, device: Any = "cpu") -> dict:
+    """Load a training checkpoint into a freshly set-up run, in place; the exact-resume half of it.
+
+    ``model`` (unwrapped), ``optimizer``, ``scheduler``, ``scaler`` (a ``GradScaler``) and
+    ``batcher`` (a :class:`dsmr.stream.LaneBatcher`) take their states; the RNG states are set to
+    this rank's. The checkpoint must come from the same model config and number of processes.
+
+    Returns ``{"step", "state" (this rank's ModelState on device), "best_val_ppl", "val"}``.
+    """
+    ck = load_checkpoint(path, map_location="cpu")  # RNG states must stay on CPU
+    if ck["model_config"] != model_config.to_dict():
+        raise ValueError(f"{path} was trained with model config {ck['model_config']}, "
+                         f"not {model_config.to_dict()}; resume with the same model config")
+    if ck.get("world_size", 1) != world_size:
+        raise ValueError(f"{path} was written by {ck.get('world_size', 1)} processes; "
+                         f"resume with the same number (now {world_size})")
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        scaler.load_state_dict(ck["scaler"])
+    batcher.load_state_dict(ck["data"][rank])
+    memory = {k: v.to(device).contiguous() for k, v in ck["memory"][rank].items()}
+    set_rng_state(ck["rng"][rank])
+    return {
+        "step": int(ck["step"]),
+        "state": ModelState.from_dict(memory, model_config.n_layers),
+        "best_val_ppl": ck.get("best_val_ppl"),
+        "val": ck.get("val"),
+    }

@@ -20,27 +20,65 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .model import ModelState
+from .distributed import unwrap
+from .metrics import pyplot
+from .stream import LaneBatcher, segment_length, stream_segment
 
 DISTANCE_EDGES = (256, 1024, 4096, 8192)
 DISTANCE_LABELS = ("0-256", "256-1k", "1k-4k", "4k-8k", "8k+")
 
 
-def wipe_memory(state: ModelState) -> ModelState:
-    """Every layer's memory emptied, positions kept (unlike ``state.reset``, which restarts at 0)."""
-    from dsmr_kernels import AttentionState
+def _reset_point(n_inputs: int, S: int, reset_at: Optional[int], window: Optional[int]):
+    """``(requested R, R rounded down to a segment boundary, window W)``; ValueError if unusable."""
+    if reset_at is None:
+        requested = 8192 if n_inputs - 8192 >= S else n_inputs // 2
+    else:
+        requested = int(reset_at)
+    R = (requested // S) * S
+    if R <= 0 or R >= n_inputs:
+        raise ValueError(
+            f"reset_at={requested} rounds down to R={R} with segment_len {S}; R must leave at least one "
+            f"segment before and one input after it (the piece has {n_inputs} inputs)"
+        )
+    W = n_inputs - R if window is None else min(int(window), n_inputs - R)
+    if W <= 0:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return requested, R, W
 
-    return ModelState([AttentionState(None, None, torch.zeros_like(s.mem_len), s.pos) for s in state.layers])
 
+def _stream_twice(raw, ids, S, R, W, *, bos_id, eos_id, device, amp_dtype, progress):
+    """Per-target NLL before R (one run), then after R normally and with memory wiped at R.
 
-def _nll(model, inputs, targets, state, autocast, amp_dtype):
-    with torch.autocast(inputs.device.type, dtype=amp_dtype, enabled=autocast):
-        logits, state = model(inputs[None], state)  # (1, n, V)
-    logits = logits[0].to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
-    nll = F.cross_entropy(logits, targets, reduction="none")  # (n,)
-    return nll, state
+    The piece streams as one lane of :class:`LaneBatcher`, through :func:`stream_segment`, so the
+    normal run is exactly an evaluation of the piece. Returns ``(before (R,), {"normal": (W,),
+    "wiped": (W,)})`` float64 CPU tensors.
+    """
+    from tqdm.auto import tqdm
+
+    # Padding is never a target, so any in-vocab id serves as pad.
+    batcher = LaneBatcher([ids], 1, S, pad_id=bos_id, bos_id=bos_id, eos_id=eos_id, shuffle=False, max_epochs=1)
+    n_before, n_after = R // S, -(-W // S)
+    batches = [batcher.next_batch() for _ in range(n_before + n_after)]
+    bar = tqdm(total=n_before + 2 * n_after, desc="kv-reset", disable=not progress, leave=False)
+    try:
+        # The shared prefix [0, R) runs once; then two states continue from R.
+        state, before = raw.init_state(1, device), []
+        for b in batches[:n_before]:
+            nll, state = stream_segment(raw, state, b, autocast_dtype=amp_dtype)
+            before.append(nll[0])
+            bar.update(1)
+        runs = {}
+        for name, st in (("normal", state), ("wiped", state.wipe())):
+            out = []
+            for b in batches[n_before:]:
+                nll, st = stream_segment(raw, st, b, autocast_dtype=amp_dtype)
+                out.append(nll[0])
+                bar.update(1)
+            runs[name] = torch.cat(out)[:W].double().cpu()
+    finally:
+        bar.close()
+    return torch.cat(before).double().cpu(), runs
 
 
 @torch.no_grad()
@@ -79,58 +117,30 @@ def kv_reset_diagnostic(
     ``nll_after_normal`` / ``nll_after_wiped`` (means over the window) and ``buckets``
     ``{label: {"tokens", "sum_increase", "mean_increase"}}`` by distance.
     """
-    raw = model.module if hasattr(model, "module") else model
+    raw = unwrap(model)
     cfg = raw.config
-    S = cfg.segment_len if segment_len is None else segment_len
-    if isinstance(S, bool) or not isinstance(S, int) or not 0 < S <= cfg.segment_len:
-        raise ValueError(f"segment_len must be an int in [1, {cfg.segment_len}], got {S!r}")
+    S = segment_length(cfg, segment_len)
     ids = np.asarray(piece)
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError(f"piece must be a non-empty 1-D array of ids, got shape {ids.shape}")
-    seq = torch.from_numpy(np.concatenate([[bos_id], ids, [eos_id]]).astype(np.int64))
-    n_inputs = len(seq) - 1
-    if reset_at is None:
-        requested = 8192 if n_inputs - 8192 >= S else n_inputs // 2
-    else:
-        requested = int(reset_at)
-    R = (requested // S) * S
-    if R <= 0 or R >= n_inputs:
-        raise ValueError(
-            f"reset_at={requested} rounds down to R={R} with segment_len {S}; R must leave at least one "
-            f"segment before and one input after it (the piece has {n_inputs} inputs)"
-        )
-    W = n_inputs - R if window is None else min(int(window), n_inputs - R)
-    if W <= 0:
-        raise ValueError(f"window must be >= 1, got {window}")
+    n_inputs = len(ids) + 1
+    requested, R, W = _reset_point(n_inputs, S, reset_at, window)
     device = next(raw.parameters()).device if device is None else torch.device(device)
-    seq = seq.to(device)
-    inputs, targets = seq[:-1], seq[1:]
-    from tqdm.auto import tqdm
-
     was_training = raw.training
     raw.eval()
-    n_after = -(-W // S)
-    bar = tqdm(total=R // S + 2 * n_after, desc="kv-reset", disable=not progress, leave=False)
     try:
-        # The shared prefix [0, R) runs once; then two states continue from R.
-        state, before = raw.init_state(1, device), []
-        for s0 in range(0, R, S):
-            nll, state = _nll(raw, inputs[s0:s0 + S], targets[s0:s0 + S], state, autocast, autocast_dtype)
-            before.append(nll)
-            bar.update(1)
-        runs = {}
-        for name, st in (("normal", state), ("wiped", wipe_memory(state))):
-            out = []
-            for s0 in range(R, R + W, S):
-                e = min(s0 + S, R + W)
-                nll, st = _nll(raw, inputs[s0:e], targets[s0:e], st, autocast, autocast_dtype)
-                out.append(nll)
-                bar.update(1)
-            runs[name] = torch.cat(out).double().cpu()
+        before, runs = _stream_twice(raw, ids, S, R, W, bos_id=bos_id, eos_id=eos_id, device=device,
+                                     amp_dtype=autocast_dtype if autocast else None, progress=progress)
     finally:
-        bar.close()
         raw.train(was_training)
+    result = _summary(before, runs, requested=requested, R=R, W=W, S=S, n_inputs=n_inputs)
+    if plot_path is not None:
+        plot_kv_reset(result, plot_path)
+    return result
 
+
+def _summary(before, runs, *, requested, R, W, S, n_inputs) -> dict:
+    """The result dict of :func:`kv_reset_diagnostic` from the per-target NLLs."""
     inc = runs["wiped"] - runs["normal"]  # (W,)
     dist = torch.arange(W)
     bucket = torch.bucketize(dist, torch.tensor(DISTANCE_EDGES), right=True)
@@ -141,7 +151,7 @@ def kv_reset_diagnostic(
             buckets[lab] = {"tokens": int(sel.numel()), "sum_increase": float(sel.sum()),
                             "mean_increase": float(sel.mean())}
     auc = float(inc.sum())
-    result = {
+    return {
         "reset_at": R,
         "requested_reset_at": requested,
         "segment_len": S,
@@ -153,14 +163,11 @@ def kv_reset_diagnostic(
         "nll_wiped": runs["wiped"].tolist(),
         "auc": auc,
         "mean_increase": auc / W,
-        "nll_before": float(torch.cat(before).double().mean()),
+        "nll_before": float(before.mean()),
         "nll_after_normal": float(runs["normal"].mean()),
         "nll_after_wiped": float(runs["wiped"].mean()),
         "buckets": buckets,
     }
-    if plot_path is not None:
-        plot_kv_reset(result, plot_path)
-    return result
 
 
 def kv_reset_diagnostic_pieces(
@@ -247,15 +254,8 @@ def kv_reset_diagnostic_pieces(
 
 def plot_kv_reset(result: dict, path: Union[str, Path], smooth: int = 64) -> Optional[Path]:
     """PNG of the NLL increase against distance after R (raw and a running mean of ``smooth``)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        import warnings
-
-        warnings.warn("matplotlib is not installed (pip install 'dsmr[plot]'); skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return None
     inc = np.asarray(result["increase"], dtype=np.float64)
     d = np.arange(len(inc))
@@ -283,4 +283,4 @@ def plot_kv_reset(result: dict, path: Union[str, Path], smooth: int = 64) -> Opt
     return path
 
 
-__all__ = ["kv_reset_diagnostic", "kv_reset_diagnostic_pieces", "plot_kv_reset", "wipe_memory", "DISTANCE_LABELS"]
+__all__ = ["kv_reset_diagnostic", "kv_reset_diagnostic_pieces", "plot_kv_reset", "DISTANCE_LABELS"]

@@ -1,8 +1,8 @@
 """Streaming evaluation: perplexity over whole pieces, and NLL by position within the piece.
 
-Pieces are streamed exactly as in training (:class:`dsmr.train.LaneBatcher`: B lanes, whole
-pieces, segment by segment, memory reset at each piece start), without gradients and in the
-corpus order. Every real target counts: each id of the piece and the final EOS; BOS is never a
+Pieces are streamed exactly as in training (:class:`dsmr.stream.LaneBatcher` and
+:func:`dsmr.stream.stream_segment`: B lanes, whole pieces, segment by segment, memory reset at
+each piece start), without gradients and in the corpus order. Every real target counts: each id of the piece and the final EOS; BOS is never a
 target and padding carries nothing. Perplexity is ``exp(total NLL / real targets)``.
 
 Position buckets use the 1-based index of the target in ``[BOS] + ids + [EOS]`` (the first id
@@ -18,14 +18,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from .distributed import sum_over_ranks, unwrap
+from .stream import LaneBatcher, Vocab, check_pieces, check_vocab, segment_length, stream_segment
 
 BUCKET_EDGES = (1024, 4096, 8192, 16384, 32768)
 BUCKET_LABELS = ("1-1k", "1k-4k", "4k-8k", "8k-16k", "16k-32k", "32k+")
-
-
-def _unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 def _bucket_summary(labels, sums: Sequence[float], counts: Sequence[float]) -> dict:
@@ -77,26 +75,14 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from .train import LaneBatcher, apply_resets, check_pieces, compact_state
-
-    raw = _unwrap(model)
+    raw = unwrap(model)
     cfg = raw.config
-    S = cfg.segment_len if segment_len is None else segment_len
-    if isinstance(S, bool) or not isinstance(S, int) or S <= 0:
-        raise ValueError(f"segment_len must be a positive int, got {S!r}")
-    if S > cfg.segment_len:
-        raise ValueError(f"segment_len {S} exceeds the model's segment_len {cfg.segment_len}")
-    if max_pieces is not None:
-        pieces = pieces[:max_pieces]
-    pieces = check_pieces(pieces, cfg.vocab_size, "evaluation")
-    for name, v in (("pad_id", pad_id), ("bos_id", bos_id), ("eos_id", eos_id)):
-        if not 0 <= v < cfg.vocab_size:
-            raise ValueError(f"{name}={v} lies outside the model's vocab [0, {cfg.vocab_size})")
+    S = segment_length(cfg, segment_len)
+    pieces = check_pieces(pieces[:max_pieces], cfg.vocab_size, "evaluation")
+    check_vocab(Vocab(cfg.vocab_size, pad_id, bos_id, eos_id), cfg.vocab_size)
     device = next(raw.parameters()).device if device is None else torch.device(device)
-
     batcher = LaneBatcher(pieces, batch_lanes, S, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id,
                           shuffle=False, rank=rank, world_size=world_size, max_epochs=1)
-    n_batches = batcher.epoch_len(0)
     edges = torch.tensor(BUCKET_EDGES, device=device)
     nb = len(BUCKET_LABELS)
     sums = torch.zeros(nb, dtype=torch.float64, device=device)
@@ -106,33 +92,20 @@ def evaluate(
     raw.eval()
     state = raw.init_state(batch_lanes, device)
     try:
-        for _ in tqdm(range(n_batches), desc="eval", disable=not progress, leave=False):
+        for _ in tqdm(range(batcher.epoch_len(0)), desc="eval", disable=not progress, leave=False):
             b = batcher.next_batch()
-            state = apply_resets(state, b)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast):
-                logits, state = raw(b.inputs.to(device), state)  # (B, S, V)
-            targets = b.targets.to(device)
-            # fp32 at least (logits may be bf16 under autocast); float64 models stay float64.
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
-                                  reduction="none")  # (B, S), 0 where ignored
-            mask = targets != -100
+            nll, state = stream_segment(raw, state, b, autocast_dtype=autocast_dtype if autocast else None)
+            mask = b.mask.to(device)
             # Position p (1-based) falls in bucket i when edges[i-1] < p <= edges[i].
-            bucket = torch.bucketize(b.positions().to(device) - 1, edges, right=True)  # (B, S)
-            sums += torch.zeros(nb, dtype=torch.float64, device=device).index_add_(
-                0, bucket[mask], nll[mask].double())
-            counts += torch.bincount(bucket[mask], minlength=nb).double()
-            state = compact_state(state, int((b.start + S).max()))
+            bucket = torch.bucketize(b.positions().to(device) - 1, edges, right=True)[mask]  # (n,)
+            sums.index_add_(0, bucket, nll[mask].double())
+            counts += torch.bincount(bucket, minlength=nb).double()
     finally:
         raw.train(was_training)
 
     if world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            both = torch.cat([sums, counts])
-            dist.all_reduce(both)
-            sums, counts = both[:nb], both[nb:]
+        both = sum_over_ranks(torch.cat([sums, counts]))
+        sums, counts = both[:nb], both[nb:]
     total, n = float(sums.sum()), int(round(float(counts.sum())))
     mean = total / n if n else float("nan")
     return {

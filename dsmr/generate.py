@@ -19,6 +19,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .checks import check_int
+from .distributed import unwrap
+
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> int:
@@ -45,12 +48,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
 
 
 def _check_args(max_new_tokens, temperature, top_k, top_p):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 0)
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    check_int("top_k", top_k, 1, allow_none=True)
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p}")
 
@@ -180,7 +181,7 @@ def generate(
     (only with ``return_logits``; row i is the distribution of token i + 1, T = len(tokens))}``.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
-    raw = model.module if hasattr(model, "module") else model
+    raw = unwrap(model)
     prompt, device, gen = _prepare(raw, prompt, device, seed)
     max_cap = [0] * raw.config.n_layers
     all_logits = []
@@ -231,9 +232,8 @@ def generate_samples(
     "stopped_at_eos"}``.
     """
     _check_args(max_new_tokens, temperature, top_k, top_p)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-    raw = model.module if hasattr(model, "module") else model
+    check_int("num_samples", num_samples, 1)
+    raw = unwrap(model)
     prompt, device, gen = _prepare(raw, prompt, device, seed)
     new, stopped = _decode(raw, prompt, max_new_tokens, num_samples,
                            sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), gen=gen,

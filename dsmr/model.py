@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from dsmr_kernels import AttentionState, DSMRAttention
 
 from . import schedules
+from .checks import check_int
 
 
 @dataclass
@@ -49,9 +50,7 @@ class DSMRConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "segment_len"):
-            val = getattr(self, name)
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_int(name, getattr(self, name), 1)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_ff is None:
@@ -112,6 +111,23 @@ class ModelState:
     def reset(self, lanes: Union[Sequence[int], torch.Tensor, None] = None) -> "ModelState":
         """New state where ``lanes`` (all when None) start a new piece; other lanes keep theirs."""
         return ModelState([s.reset(lanes) for s in self.layers])
+
+    def wipe(self) -> "ModelState":
+        """Every layer's memory emptied, positions kept (unlike :meth:`reset`, which restarts at 0).
+
+        The KV-reset diagnostic's cut: what follows sees no past content but keeps counting."""
+        return ModelState([AttentionState(None, None, torch.zeros_like(s.mem_len), s.pos) for s in self.layers])
+
+    def compact(self, max_len: int) -> "ModelState":
+        """Drop memory slots no lane can use: every lane holds at most ``max_len`` valid slots.
+
+        Whole-history layers otherwise keep growing by one segment per batch across resets (a
+        reset only zeroes ``mem_len``), so an epoch would pile up dead slots. Slots are
+        right-aligned, so keeping the newest ``max_len`` drops only invalid ones; the result
+        computes the same numbers.
+        """
+        return ModelState([s.truncate(max_len) if s.mem_k is not None and s.capacity > max_len else s
+                           for s in self.layers])
 
     def truncate(self, horizons: Sequence[Optional[int]]) -> "ModelState":
         """Cut each layer's memory to its horizon (see ``DSMRAttention.forward(truncate=False)``)."""

@@ -14,17 +14,17 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Dict, List, Optional, Sequence
 
+from .checks import check_int
+
 Horizon = Optional[int]
 
 
 def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"number of layers must be a positive int, got {n!r}")
+    check_int("number of layers", n, 1)
 
 
 def _check_h(name: str, h) -> None:
-    if isinstance(h, bool) or not isinstance(h, int) or h < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {h!r}")
+    check_int(name, h, 0)
 
 
 def full(n: int) -> List[Horizon]:
@@ -105,8 +105,7 @@ def validate(horizons: Sequence[Horizon], n_layers: int) -> List[Horizon]:
     if len(horizons) != n_layers:
         raise ValueError(f"schedule has {len(horizons)} horizons but the model has {n_layers} layers")
     for i, h in enumerate(horizons):
-        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 0):
-            raise ValueError(f"horizon of layer {i} must be None or an int >= 0, got {h!r}")
+        check_int(f"horizon of layer {i}", h, 0, allow_none=True)
     return horizons
 
 

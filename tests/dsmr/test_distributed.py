@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsmr.train import LaneBatcher
+from dsmr.stream import LaneBatcher
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,8 @@ import torch
 
 from dsmr import DSMRConfig
 from dsmr.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from dsmr.train import IGNORE_INDEX, LaneBatcher, TrainConfig, lr_at, seq_slice, train
+from dsmr.stream import IGNORE_INDEX, LaneBatcher, seq_slice
+from dsmr.train import TrainConfig, lr_at, train
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -216,7 +217,7 @@ def test_epochs_mode_and_grad_accum(tmp_path):
     pieces = motif_corpus(5, seed=4, reps=(2, 6))
     cfg = TrainConfig(out_dir=str(tmp_path), batch_lanes=2, epochs=2, grad_accum=3, eval_every=0,
                       ckpt_every=0, log_every=1, plot=False)
-    from dsmr.train import LaneBatcher as LB
+    from dsmr.stream import LaneBatcher as LB
 
     lb = LB(pieces, 2, 16, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=cfg.seed, max_epochs=2)
     expected = math.ceil(lb.total_batches(2) / 3)

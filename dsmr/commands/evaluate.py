@@ -1,0 +1,35 @@
+"""``dsmr eval``: perplexity of a checkpoint over a split, and NLL by position in the piece."""
+from __future__ import annotations
+
+from .common import add_checkpoint_args, add_source_args, load_checkpoint, load_data, print_table, split_pieces, \
+    write_json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and NLL by position of a checkpoint")
+    add_checkpoint_args(p)
+    add_source_args(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--batch-lanes", type=int, default=8)
+    p.add_argument("--max-pieces", type=int, default=None)
+    p.add_argument("--autocast", action="store_true")
+    p.add_argument("--json", help="also write the result here")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..evaluate import evaluate
+
+    model, info = load_checkpoint(args)
+    cache = load_data(args, info.get("tokenizer_config"))
+    pieces, _ = split_pieces(args, cache)
+    res = evaluate(model, pieces, pad_id=cache.pad_id, bos_id=cache.bos_id, eos_id=cache.eos_id,
+                   batch_lanes=args.batch_lanes, max_pieces=args.max_pieces, progress=True,
+                   autocast=args.autocast)
+    print(f"{args.split}: {res['pieces']} pieces, {res['tokens']:,} tokens, NLL {res['nll']:.4f}, "
+          f"perplexity {res['ppl']:.3f}")
+    rows = [[label, f"{b['tokens']:,}", f"{b['nll']:.4f}" if b["tokens"] else "-",
+             f"{b['ppl']:.3f}" if b["tokens"] else "-"] for label, b in res["buckets"].items()]
+    print_table(["position", "tokens", "NLL", "ppl"], rows)
+    write_json(args.json, res)
+    return 0
