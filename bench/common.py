@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from dsmr.metrics import pyplot as plt_agg  # noqa: F401 - the sections' plots import it from here
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 RESULT_PREFIX = "RESULT "  # a worker's last stdout line: RESULT {json}
@@ -391,16 +393,3 @@ def write_section(section: Section, out_dir: Path, machine_md: str) -> Path:
     path.write_text(md)
     (out_dir / f"{section.name}.csv").write_text(section.csv)
     return path
-
-
-def plt_agg():
-    """matplotlib.pyplot with the non-interactive Agg backend (None if matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        return plt
-    except ImportError:
-        return None

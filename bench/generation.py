@@ -34,60 +34,25 @@ def schedule(quick: bool):
     return sch.two_scale(MODEL["n_layers"], long, short, MODEL["n_layers"] // 2)
 
 
-def _generate_with_api(model, prompt, n_new: int, seed: int):
-    """Call dsmr.generate.generate; returns its result dict."""
-    from dsmr.generate import generate
-
-    return generate(model, prompt, n_new, temperature=1.0, seed=seed, eos_id=None, stop_at_eos=False)
-
-
-def _generate_direct(model, prompt, n_new: int, seed: int):
-    """Fallback when dsmr.generate is missing: the same step loop through the model API."""
-    import torch
-
-    S, horizons = model.config.segment_len, model.config.layer_horizons
-    gen = torch.Generator().manual_seed(seed)
-    toks = torch.tensor(prompt, dtype=torch.long)[None]
-    state = model.init_state(1)
-    full = len(prompt) - len(prompt) % S
-    with torch.no_grad():
-        for s0 in range(0, full, S):
-            logits, state = model(toks[:, s0:s0 + S], state)
-        if len(prompt) > full:
-            logits, state = model(toks[:, full:], state, truncate=False)
-        pos, new = len(prompt), []
-        for i in range(n_new):
-            tok = int(torch.multinomial(torch.softmax(logits[0, -1].float(), -1), 1, generator=gen))
-            new.append(tok)
-            if i == n_new - 1:
-                break
-            logits, state = model(torch.tensor([[tok]]), state, truncate=False)
-            pos += 1
-            if pos % S == 0:
-                state = state.truncate(horizons)
-    return {"new_tokens": new, "max_capacity": [s.capacity for s in state.layers]}
-
-
 def measure(cfg: dict) -> dict:
     """Worker: prime with the prompt, sample ``n_new`` tokens, time every token."""
-    import importlib.util
-
     import numpy as np
     import torch
 
-    from bench.model_level import build_dsmr
+    from dsmr import DSMRConfig, DSMRModel
+    from dsmr.generate import generate
 
     ids = np.load(cfg["piece"])
     prompt = [int(t) for t in ids[: cfg["prompt_len"]]]
     mem = PeakMemory()
     mem.start()
-    model = build_dsmr(cfg["vocab_size"], cfg["horizons"], cfg["model"]).eval()
+    torch.manual_seed(0)
+    model = DSMRModel(DSMRConfig(vocab_size=cfg["vocab_size"], horizons=cfg["horizons"], **cfg["model"])).eval()
     stamps: List[float] = []
     hook = model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
-    use_api = importlib.util.find_spec("dsmr.generate") is not None
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = (_generate_with_api if use_api else _generate_direct)(model, prompt, cfg["n_new"], seed=0)
+        out = generate(model, prompt, cfg["n_new"], temperature=1.0, seed=0, eos_id=None, stop_at_eos=False)
     t_end = time.perf_counter()
     hook.remove()
     peak = mem.peak_bytes()
@@ -115,7 +80,6 @@ def measure(cfg: dict) -> dict:
         "p99_ms": 1e3 * float(np.percentile(per_token, 99)),
         "bins_ms": [1e3 * float(b.mean()) for b in bins],
         "max_capacity": out.get("max_capacity"),
-        "api": "dsmr.generate.generate" if use_api else "direct model loop (dsmr.generate missing)",
         "mem_method": mem.method,
     }
 
@@ -217,8 +181,6 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, out_dir
             "last / first (mean)", "last / first (median)", "p99 ms/token", "largest cache per layer (slots)",
             "prompt s", "load (1 min) after", "process wall s", "note"]
     table = Table(cols, rows)
-    ok = [r for _, r in results if r.ok]
-    api = ok[0].data["api"] if ok else "?"
     hz = schedule(quick)
     md = [
         "## Configuration",
@@ -226,7 +188,7 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, out_dir
         f"- model: the schedules table's DSMRModel ({MODEL['n_layers']} layers, d_model {MODEL['d_model']}, "
         f"{MODEL['n_heads']} heads, segment {MODEL['segment_len']}, vocab {piece['vocab_size']}), untrained weights, "
         f"fp32, eval mode, batch 1; schedule two_scale {sch.describe(hz)}: caches bounded by horizon + segment",
-        f"- sampling: {api}, temperature 1, seed 0, never stopping at EOS; prompt = the first "
+        f"- sampling: dsmr.generate.generate, temperature 1, seed 0, never stopping at EOS; prompt = the first "
         f"{max(hz) + MODEL['segment_len']:,} tokens (longest horizon + one segment, so every cache starts at its "
         f"bound and first vs last 10% compares steady states) of {piece['source']}",
         "- per-token time = time between the ends of consecutive model forwards (sampling, feeding the "
@@ -244,8 +206,6 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, out_dir
         table.markdown(),
     ]
     md += ["", _memory_note(rows)]
-    if "direct" in api:
-        md.append("\n> dsmr.generate was not importable; the same step loop was timed through the model API.")
     sec = Section("generation", "Generation with bounded caches: throughput, memory, per-token latency",
                   "\n".join(md), table.csv())
     if _plot(results, out_dir / "generation.png"):

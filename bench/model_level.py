@@ -1,8 +1,8 @@
 """Table 2 — memory schedules at model level: training throughput and peak memory.
 
-Every schedule trains the same model on the same long piece the way the streaming trainer does:
-segment by segment, carrying the recurrent state, one forward + backward + AdamW step per
-segment. Each schedule runs in its own process (``python -m bench.model_level --worker JSON``)
+Every schedule trains the same model on the same long piece with the streaming trainer's own
+code: ``dsmr.train.setup`` builds the run, its ``LaneBatcher`` cuts the piece, and each timed
+step is one ``dsmr.train.train_step`` (``stream_segment`` forward, backward, AdamW) per segment. Each schedule runs in its own process (``python -m bench.model_level --worker JSON``)
 so that its peak memory is its own: peak RSS minus the RSS right before the model is built.
 
 All non-full schedules are set to the same recurrent-state budget (the two-scale schedule's sum
@@ -10,9 +10,8 @@ of horizons, via ``dsmr.schedules.at_budget``), so they differ only in *where* t
 """
 from __future__ import annotations
 
-import contextlib
 import time
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 from bench.common import PeakMemory, Section, Table, fmt, mib, plt_agg, spread, worker_main
 
@@ -56,79 +55,56 @@ def schedule_list(n_layers: int, long: int, short: int) -> List[Tuple[str, list]
 
 
 # ----------------------------------------------------------------------------------------------
-# Streaming training, shared with bench/peer.py
+# Streaming training with the package's own trainer
 
 
-def autocast(precision: str):
-    """bf16 autocast on CPU, or nothing for fp32."""
-    import torch
+def trainer_run(ids, vocab_size: int, horizons, model: dict, precision: str, n_segments: int):
+    """``(run, batches)``: a :func:`dsmr.train.setup` run (batch 1) and the piece's first segments.
 
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def stream_train(step: Callable, reset: Callable, ids, segment_len: int, n_segments: int,
-                 warmup: int = 1) -> List[float]:
-    """Stream ``n_segments`` segments of ``ids`` through ``step(x, y)``; returns each step's seconds.
-
-    ``warmup`` segments run first on a state that is then reset, so one-time costs (oneDNN
-    primitive creation, allocator growth, AdamW state) do not land in the first timed segment.
+    ``ids`` starts with BOS; the first ``n_segments * segment_len`` inputs are cut by the trainer's
+    own ``LaneBatcher``. TrainConfig defaults except lr 3e-4, no warmup, no clipping (the peer's
+    step has none either), CPU, bf16 autocast when ``precision`` is bf16.
     """
     import torch
 
-    ids = torch.as_tensor(ids, dtype=torch.long)
+    from dsmr import DSMRConfig
+    from dsmr.stream import Vocab
+    from dsmr.train import TrainConfig, setup
 
-    def seg(i):
-        lo = i * segment_len
-        return ids[None, lo:lo + segment_len], ids[None, lo + 1:lo + segment_len + 1]  # (1, S) each
+    S = model["segment_len"]
+    torch.manual_seed(0)
+    cfg = DSMRConfig(vocab_size=vocab_size, horizons=horizons, **model)
+    train_cfg = TrainConfig(out_dir="unused", batch_lanes=1, max_steps=n_segments + 1, lr=3e-4, warmup_steps=0,
+                            grad_clip=0.0, seed=0, shuffle=False, device="cpu", autocast=precision == "bf16",
+                            plot=False)
+    bos = int(ids[0])
+    # Any in-vocab id serves as EOS and pad: they are one target and no input of the timed segments.
+    piece = [ids[1:n_segments * S]]
+    run = setup(cfg, train_cfg, piece, Vocab(vocab_size, bos, bos, bos))
+    return run, [run.batcher.next_batch() for _ in range(n_segments)]
 
-    for i in range(warmup):
-        step(*seg(i))
-    reset()
+
+def time_steps(run, batches, warmup: int = 1) -> List[float]:
+    """Seconds of each :func:`dsmr.train.train_step` over ``batches``, one segment per step.
+
+    ``warmup`` steps run first on a state that is then reset, so one-time costs (oneDNN primitive
+    creation, allocator growth, AdamW state) do not land in the first timed segment.
+    """
+    from dsmr.train import train_step
+
+    for b in batches[:warmup]:
+        train_step(run, [b])
+    run.state = run.raw_model.init_state(1)
     times = []
-    for i in range(n_segments):
-        x, y = seg(i)
+    for b in batches:
         t0 = time.perf_counter()
-        step(x, y)
+        train_step(run, [b])
         times.append(time.perf_counter() - t0)
     return times
 
 
-def dsmr_trainer(model, precision: str, lr: float = 3e-4):
-    """(step, reset, state_getter) for streaming training of a DSMRModel with AdamW."""
-    import torch
-    import torch.nn.functional as F
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    box = {"state": model.init_state(1)}
-
-    def step(x, y):
-        with autocast(precision):
-            logits, box["state"] = model(x, box["state"])  # (1, S, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    def reset():
-        box["state"] = model.init_state(1)
-
-    return step, reset, lambda: box["state"]
-
-
-def build_dsmr(vocab_size: int, horizons, model: dict, backend: str = "auto"):
-    import torch
-
-    from dsmr import DSMRConfig, DSMRModel
-
-    torch.manual_seed(0)
-    cfg = DSMRConfig(vocab_size=vocab_size, horizons=horizons, backend=backend, **model)
-    return DSMRModel(cfg)
-
-
 def measure(cfg: dict) -> dict:
-    """Worker: train one DSMR schedule over the piece; returns throughput and peak memory."""
+    """Worker: train one DSMR schedule over the piece with the trainer's step; throughput and peak memory."""
     import numpy as np
 
     from dsmr import schedules as sch
@@ -137,9 +113,9 @@ def measure(cfg: dict) -> dict:
     n_tokens = cfg["n_segments"] * cfg["model"]["segment_len"]
     mem = PeakMemory()
     mem.start()  # right before building the model: torch, the data and the piece are loaded
-    model = build_dsmr(cfg["vocab_size"], cfg["horizons"], cfg["model"])
-    step, reset, state = dsmr_trainer(model, cfg["precision"])
-    times = stream_train(step, reset, ids, cfg["model"]["segment_len"], cfg["n_segments"])
+    run, batches = trainer_run(ids, cfg["vocab_size"], cfg["horizons"], cfg["model"], cfg["precision"],
+                               cfg["n_segments"])
+    times = time_steps(run, batches)
     peak = mem.peak_bytes()
     m = cfg["model"]
     head_dim = m["d_model"] // m["n_heads"]
@@ -149,12 +125,12 @@ def measure(cfg: dict) -> dict:
     return {
         "tokens_per_s": n_tokens / sum(times),
         "peak_bytes": peak,
-        "state_bytes": state().nbytes(),
+        "state_bytes": run.state.nbytes(),
         "budget_slots": bud["slots"],
         "budget_bytes": bud["bytes"],
         "segment_times": times,
         "n_tokens": n_tokens,
-        "params": model.num_params(),
+        "params": run.raw_model.num_params(),
         "mem_method": mem.method,
     }
 
@@ -281,7 +257,8 @@ def render(results, quick: bool, piece: dict, out_dir, rounds: int) -> Section:
         f"- precision: {s['precision']} autocast (`torch.autocast('cpu', dtype=torch.bfloat16)`), fp32 weights and AdamW"
         if s["precision"] == "bf16" else "- precision: fp32",
         f"- piece: {piece['source']}; the first {n_tokens:,} tokens ({s['n_segments']} segments) are "
-        "streamed, batch 1, one forward + backward + AdamW step (lr 3e-4) per segment, state carried across segments",
+        "streamed, batch 1, one `dsmr.train.train_step` per segment (forward via `dsmr.stream.stream_segment`, "
+        "backward, AdamW lr 3e-4, no clipping), state carried across segments",
         "- one warm-up segment on a throw-away state first; tokens/s = streamed tokens / sum of step times",
         f"- {rounds} round(s): every schedule runs once per round in its own process (rounds alternate the "
         "order); with several rounds, tokens/s = streamed tokens / sum over segments of that segment's fastest "

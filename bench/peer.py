@@ -14,10 +14,12 @@ The two memories differ in what they keep:
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+import contextlib
+import time
+from typing import Callable, List, Tuple
 
 from bench.common import PeakMemory, Section, Table, fmt, mib, spread, worker_main
-from bench.model_level import MODEL, autocast, measure as measure_dsmr, setting, stream_train
+from bench.model_level import MODEL, measure as measure_dsmr, setting
 
 
 def peer_memory(quick: bool) -> int:
@@ -50,6 +52,42 @@ def build_xtransformers(vocab_size: int, mem_len: int, model: dict):
             use_rmsnorm=True,
         ),
     )
+
+
+def autocast(precision: str):
+    """bf16 autocast on CPU, or nothing for fp32 (as the DSMR side's TrainConfig(autocast=True))."""
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def stream_train(step: Callable, reset: Callable, ids, segment_len: int, n_segments: int,
+                 warmup: int = 1) -> List[float]:
+    """Stream ``n_segments`` segments of ``ids`` through ``step(x, y)``; returns each step's seconds.
+
+    The same protocol as the DSMR side's ``bench.model_level.time_steps``: ``warmup`` segments on
+    a state that is then reset, then one timed step per segment.
+    """
+    import torch
+
+    ids = torch.as_tensor(ids, dtype=torch.long)
+
+    def seg(i):
+        lo = i * segment_len
+        return ids[None, lo:lo + segment_len], ids[None, lo + 1:lo + segment_len + 1]  # (1, S) each
+
+    for i in range(warmup):
+        step(*seg(i))
+    reset()
+    times = []
+    for i in range(n_segments):
+        x, y = seg(i)
+        t0 = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def xt_trainer(model, precision: str, lr: float = 3e-4):

@@ -1,7 +1,7 @@
 """dsmr: Depth-Structured Music Recurrence — a streaming long-context music model on top of
 ``dsmr_kernels``.
 
-Public names (a contract, see DESIGN.md): ``DSMRConfig``, ``DSMRModel``, ``schedules``.
+Public names (a contract, see docs/DESIGN.md): ``DSMRConfig``, ``DSMRModel``, ``schedules``.
 """
 from . import schedules
 from .model import DSMRConfig, DSMRModel, ModelState

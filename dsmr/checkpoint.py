@@ -122,43 +122,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(obj: dict, path: PathLike) -> Path:
-    """Write ``obj`` to ``path`` atomically (temp file in the same dir + fsync + ``os.replace``)."""
+def _atomic_write(path: PathLike, mode: str, write) -> Path:
+    """``write(f)`` into a temp file in the same dir, fsync, ``os.replace`` over ``path``, fsync the dir."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same directory: os.replace is only atomic within one filesystem.
     tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    """Write a text file atomically (temp file in the same dir + fsync + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(obj: dict, path: PathLike) -> Path:
+    """Write ``obj`` to ``path`` atomically (temp file in the same dir + fsync + ``os.replace``)."""
+    return _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write a text file atomically (temp file in the same dir + fsync + ``os.replace``)."""
+    return _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def remove_stale_temps(directory: PathLike) -> int:

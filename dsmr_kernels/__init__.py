@@ -1,6 +1,6 @@
 """dsmr_kernels: segment-memory attention (the op), its reference, and the drop-in module.
 
-Public names (a contract, see DESIGN.md): ``segment_memory_attention``,
+Public names (a contract, see docs/DESIGN.md): ``segment_memory_attention``,
 ``segment_memory_attention_ref``, ``DSMRAttention``.
 """
 from .interface import segment_memory_attention

@@ -16,7 +16,7 @@ def _to(t, dtype):
 
 
 def test_mask_picture_from_design():
-    """The DESIGN.md example: M = 3, mem_len = 2, S = 3."""
+    """The docs/DESIGN.md example: M = 3, mem_len = 2, S = 3."""
     vis = visibility_mask(3, 3, torch.tensor([2]), None)[0, 0].int()
     expected = torch.tensor([[0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
     assert torch.equal(vis, expected)
