@@ -165,7 +165,7 @@ def measure_config(M: int, reps: int):
 def diagnose_bf16(reps: int, threads: int) -> List[dict]:
     """Where the bf16 gain of the torch path comes from. Times the pieces at M = 4096.
 
-    * ``op (torch)``: the public op (bf16: the tiled path of ``dsmr_kernels.torch_tiled``).
+    * ``op (torch)``: the public op (bf16: the tiled path of ``dsmr_kernels.cpu_tiled``).
     * ``op (torch) through ATen's flash kernel``: the same op with ``BF16_TILES = None``, i.e. bf16
       through ``_scaled_dot_product_flash_attention_for_cpu`` like fp32 (the pre-tiled behaviour).
     * ``matmuls only``: QK^T and PV as two batched matmuls with no softmax — what the attention
@@ -175,7 +175,7 @@ def diagnose_bf16(reps: int, threads: int) -> List[dict]:
     """
     from dsmr_kernels import segment_memory_attention
     from dsmr_kernels import torch_backend as tb
-    from dsmr_kernels.torch_tiled import DEFAULT_TILES
+    from dsmr_kernels.cpu_tiled import DEFAULT_TILES
 
     M = 4096
     tiles = tb.BF16_TILES or DEFAULT_TILES
@@ -435,7 +435,7 @@ def _diagnosis_text(diag: List[dict], ceilings: Dict[str, float]) -> str:
     aten_fb = gain("op (torch) through ATen's flash kernel, fwd+bwd")
     return (
         "**Reading.** fp32 runs through ATen's CPU flash kernel in every row; bf16 runs through the tiled "
-        "path (`dsmr_kernels/torch_tiled.py`) in the `op (torch)` rows and through ATen's kernel in the "
+        "path (`dsmr_kernels/cpu_tiled.py`) in the `op (torch)` rows and through ATen's kernel in the "
         f"`through ATen` rows. bf16 pays off for large GEMMs on this CPU (dense {CEILING_N} matmul: "
         f"{gain('dense')}x with one thread; matmuls of the attention done as two big batched matmuls: "
         f"{gain('matmuls only')}x), but ATen's kernel gains only {gain('op (torch) through ATen')}x forward and "

@@ -1,4 +1,4 @@
-"""bf16 CPU path: flash-attention-2 written with large batched tiles in plain PyTorch.
+"""CPU path "tiled" (bf16): flash-attention-2 written with large batched tiles in plain PyTorch.
 
 Why this exists: ATen's CPU flash kernel issues many small per-tile GEMMs (64 query rows x 512
 keys) and converts every score tile, so on CPUs without AMX its bf16 path is hardly faster than
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import torch
+
+from .mask_cache import MASK_CACHE
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
@@ -189,7 +191,7 @@ def _scores(qf, kt, c: float, mask: Optional[torch.Tensor], G: int, s16: torch.T
 
 @torch.no_grad()
 def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, window: Optional[int],
-                  cache, tiles: TileConfig = DEFAULT_TILES):
+                  cache=MASK_CACHE, tiles: TileConfig = DEFAULT_TILES):
     """Forward. q: (B, H, S, D); k, v: (B, Hkv, S, D); mem_k, mem_v: (B, Hkv, M, D) or None.
 
     ``lens[b]``: valid memory slots of lane ``b`` (already clipped to ``window - 1``).
@@ -203,7 +205,8 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
     out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
-    ws = _workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 1, 1, q.dtype)
+    elems = max(((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), default=0)
+    ws = _workspace(elems, q.device, 1, 1, q.dtype)
     for b0, b1, L in groups:
         nb = b1 - b0
         for r0 in range(0, S, R):
@@ -241,7 +244,7 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
 
 @torch.no_grad()
 def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, scale: float,
-                   window: Optional[int], cache, need_q: bool, need_kv: bool,
+                   window: Optional[int], cache=MASK_CACHE, need_q: bool = True, need_kv: bool = True,
                    tiles: TileConfig = DEFAULT_TILES):
     """Backward (FA2 style, recomputing scores): returns ``(dq, dk, dv)`` in q.dtype (None if not needed).
 
@@ -260,9 +263,10 @@ def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, 
     dk_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
     dv_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
     groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
-    ws = _workspace(max((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), q.device, 2, 2, dt)
+    elems = max(((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), default=0)
+    ws = _workspace(elems, q.device, 2, 2, dt)
     # [V, 1, 1] tiles for the dP - delta GEMM: one flat buffer per call, viewed per tile.
-    va_buf = torch.empty(max((b1 - b0) for b0, b1, _ in groups) * Hkv * tiles.cols * (D + 2), dtype=dt,
+    va_buf = torch.empty(max((b1 - b0 for b0, b1, _ in groups), default=0) * Hkv * tiles.cols * (D + 2), dtype=dt,
                          device=q.device)
     for b0, b1, L in groups:
         nb = b1 - b0

@@ -1,0 +1,115 @@
+"""One CPU call along a route: a forward path and a backward path, each chosen by the dispatcher.
+
+The CPU paths (see :mod:`dsmr_kernels.torch_backend` for the table that chooses among them):
+
+* ``"flash"``: ATen's fused CPU flash kernel in the input dtype, split-KV (:mod:`.cpu_flash`);
+* ``"tiled"``: flash-attention-2 in large batched bf16 GEMMs (:mod:`.cpu_tiled`);
+* ``"upcast"``: the flash path computed in fp32 on fp32 copies of the inputs (only the *visible*
+  memory slots are copied), output and gradients rounded back once. For half types on CPUs whose
+  GEMMs in that type are emulated.
+
+Every path returns the same ``(out, lse)`` (LSE in natural log, fp32), and every backward takes
+the *final* ``out`` and ``lse``, so forward and backward may take different paths. The LSE is
+not differentiable: :class:`CpuAttention` is the autograd Function, saving q, k, v, the memory
+(views of the inputs, no copies), out and lse.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .cpu_flash import CpuPlan, flash_backward, flash_forward
+from .cpu_tiled import TileConfig, tiled_backward, tiled_forward
+from .mask_cache import MASK_CACHE
+
+PATHS = ("flash", "tiled", "upcast")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Route:
+    """The path of each direction; ``tiles`` configures the ``"tiled"`` path."""
+
+    fwd: str
+    bwd: str
+    tiles: Optional[TileConfig] = None
+
+    def __post_init__(self):
+        for name in (self.fwd, self.bwd):
+            if name not in PATHS:
+                raise ValueError(f"CPU path must be one of {PATHS}, got {name!r}")
+
+
+def _visible_fp32(mem: Optional[torch.Tensor], plan: CpuPlan) -> Optional[torch.Tensor]:
+    """fp32 copy of the newest ``plan.max_len`` slots (every lane's runs read from the right end)."""
+    L = plan.max_len
+    return mem[:, :, plan.M - L:].float() if mem is not None and L > 0 else None
+
+
+def path_forward(path: str, q, k, v, mem_k, mem_v, plan: CpuPlan, tiles: Optional[TileConfig]):
+    """``(out (B, H, S, D) in q.dtype, lse (B, H, S) fp32)`` by one path, no autograd."""
+    if path == "tiled":
+        return tiled_forward(q, k, v, mem_k, mem_v, list(plan.lens), plan.M, plan.scale, plan.window,
+                             MASK_CACHE, tiles or TileConfig())
+    if path == "upcast" and q.dtype in _HALF:
+        out, lse = flash_forward(q.float(), k.float(), v.float(), _visible_fp32(mem_k, plan),
+                                 _visible_fp32(mem_v, plan), replace(plan, M=plan.max_len))
+        return out.to(q.dtype), lse
+    return flash_forward(q, k, v, mem_k, mem_v, plan)
+
+
+def path_backward(path: str, g, q, k, v, mem_k, mem_v, out, lse, plan: CpuPlan, need_q: bool, need_kv: bool,
+                  tiles: Optional[TileConfig]):
+    """``(dq, dk, dv)`` in q.dtype (None where not needed) by one path, from the final out / lse."""
+    if path == "tiled":
+        return tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, list(plan.lens), plan.M, plan.scale,
+                              plan.window, MASK_CACHE, need_q, need_kv, tiles or TileConfig())
+    if path == "upcast" and q.dtype in _HALF:
+        grads = flash_backward(g.float(), q.float(), k.float(), v.float(), _visible_fp32(mem_k, plan),
+                               _visible_fp32(mem_v, plan), out.float(), lse.float(),
+                               replace(plan, M=plan.max_len), need_q, need_kv)
+        return tuple(None if t is None else t.to(q.dtype) for t in grads)
+    return flash_backward(g, q, k, v, mem_k, mem_v, out, lse, plan, need_q, need_kv)
+
+
+class CpuAttention(torch.autograd.Function):
+    """Autograd wrapper: forward by ``route.fwd``, backward by ``route.bwd``; LSE non-differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mem_k, mem_v, plan, route):
+        out, lse = path_forward(route.fwd, q, k, v, mem_k, mem_v, plan, route.tiles)
+        ctx.save_for_backward(q, k, v, mem_k, mem_v, out, lse)
+        ctx.plan, ctx.route = plan, route
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, mem_k, mem_v, out, lse = ctx.saved_tensors
+        need_q = ctx.needs_input_grad[0]
+        need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dq, dk, dv = path_backward(ctx.route.bwd, grad_out, q, k, v, mem_k, mem_v, out, lse, ctx.plan,
+                                   need_q, need_kv, ctx.route.tiles)
+        dk = dk if ctx.needs_input_grad[1] else None
+        dv = dv if ctx.needs_input_grad[2] else None
+        return dq, dk, dv, None, None, None, None
+
+
+def run_route(q, k, v, mem_k, mem_v, plan: CpuPlan, route: Route):
+    """``(out, lse)`` of one CPU call along ``route``; differentiable in q, k, v when they require grad.
+
+    A route that is ``"upcast"`` both ways runs the whole op in fp32 under autograd (``.float()``
+    is differentiable), so output and gradients are exactly the fp32 results rounded once.
+    """
+    if route.fwd == route.bwd == "upcast" and q.dtype in _HALF:
+        mem_k, mem_v = _visible_fp32(mem_k, plan), _visible_fp32(mem_v, plan)
+        flash = Route("flash", "flash", route.tiles)
+        out, lse = run_route(q.float(), k.float(), v.float(), mem_k, mem_v, replace(plan, M=plan.max_len), flash)
+        return out.to(q.dtype), lse
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return CpuAttention.apply(q, k, v, mem_k, mem_v, plan, route)
+    return path_forward(route.fwd, q, k, v, mem_k, mem_v, plan, route.tiles)

@@ -1,0 +1,100 @@
+"""The ``tiled`` bf16 CPU path (dsmr_kernels/cpu_tiled.py): flash-attention-2 in batched tiles."""
+import itertools
+
+import pytest
+import torch
+
+from dsmr_kernels import cpu_tiled
+from dsmr_kernels.cpu_tiled import TileConfig, _lane_groups, _tiles
+from dsmr_kernels.testing import make_inputs
+
+from .cpu_helpers import check_against_golden, force_route, saved_bytes_beyond_inputs, torch_op
+from .test_cpu_flash import PER_LANE_CASES
+
+TILED_CASES = list(
+    itertools.product(
+        [(8, 16, 1 << 22), (5, 7, 64)],  # (rows, cols, tile_elems): many tiles; 64 also splits lane groups
+        [4, 1],  # Hkv (H = 4)
+        [17, 64],  # S
+        [5, 100],  # M (B = 3 lanes read [0, M/2, M] slots)
+        [None, 1, 24],  # window
+    )
+)
+
+
+@pytest.mark.parametrize("tiles,Hkv,S,M,window", TILED_CASES)
+def test_tiled_bf16_path_with_small_tiles(tiles, Hkv, S, M, window, monkeypatch):
+    """Small tiles force multi-tile online softmax, several row blocks, edge masks and lane groups."""
+    force_route(monkeypatch, "tiled", tiles=TileConfig(*tiles))
+    check_against_golden(torch_op, torch.bfloat16, 3, 4, Hkv, S, M, 16, window, seed=S + M)
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_tiled_bf16_path_default_tiles_medium_shape(window, monkeypatch):
+    """Default tiles on a shape that needs two row blocks and two memory tiles (S = 300, M = 700)."""
+    force_route(monkeypatch, "tiled")
+    check_against_golden(torch_op, torch.bfloat16, 2, 4, 2, 300, 700, 64, window, mem_len=[700, 333])
+
+
+@pytest.mark.parametrize("mem_len,window", PER_LANE_CASES)
+def test_tiled_per_lane_mem_len_with_window(mem_len, window, monkeypatch):
+    force_route(monkeypatch, "tiled")
+    check_against_golden(torch_op, torch.bfloat16, 6, 4, 2, 11, 30, 16, window, mem_len=mem_len)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_tiled_backward_keeps_no_copy_of_the_memory(window, monkeypatch):
+    """Saved-for-backward tensors: views of the inputs, plus out and lse; nothing of size M."""
+    force_route(monkeypatch, "tiled")
+    B, H, Hkv, S, M, D = 4, 4, 2, 8, 256, 16
+    q, k, v, mk, mv, ml = make_inputs(B, H, Hkv, S, M, D, torch.bfloat16, mem_len=[0, 80, 170, 256])
+    extra, out = saved_bytes_beyond_inputs(torch_op, q, k, v, mk, mv, ml, window=window)
+    assert extra <= out.numel() * out.element_size() + B * H * S * 4
+    out.sum().backward()
+
+
+def test_tiled_lane_groups_respect_the_tile_budget():
+    assert list(_lane_groups([5, 5, 5, 0, 0, 5], per_lane=10, budget=20)) == [
+        (0, 2, 5), (2, 3, 5), (3, 5, 0), (5, 6, 5)
+    ]
+    assert list(_lane_groups([3, 3], per_lane=100, budget=10)) == [(0, 1, 3), (1, 2, 3)]  # never split a lane
+
+
+def test_tiled_tiles_cover_exactly_the_visible_keys():
+    """Every visible (row, key) pair of a row block is in exactly one tile, unmasked; nothing else is."""
+    for L, S, window, rows, cols in [(7, 9, None, 4, 3), (20, 11, 6, 5, 4), (0, 8, 3, 3, 2), (3, 5, 1, 2, 2)]:
+        for r0 in range(0, S, rows):
+            r1 = min(S, r0 + rows)
+            seen = torch.zeros(r1 - r0, L + S, dtype=torch.int32)
+            for t in _tiles(L, r0, r1, window, cols):
+                assert t.part == ("mem" if t.j1 <= L else "seg") and (t.j0 >= L) == (t.part == "seg")
+                i = torch.arange(r1 - r0)[:, None]
+                c = torch.arange(t.j1 - t.j0)[None, :]
+                vis = torch.ones(r1 - r0, t.j1 - t.j0, dtype=torch.bool)
+                if t.d is not None:
+                    vis = (c - i) <= t.d
+                    if window is not None:
+                        vis &= (i - c + t.d) < window
+                seen[:, t.j0:t.j1] += vis.int()
+            i = torch.arange(r0, r1)[:, None]
+            j = torch.arange(L + S)[None, :]
+            want = j <= L + i
+            if window is not None:
+                want &= (L + i - j) < window
+            assert torch.equal(seen, want.int()), (L, S, window, rows, cols, r0)
+
+
+def test_tiled_workspace_is_reused_bounded_and_releasable(monkeypatch):
+    force_route(monkeypatch, "tiled", tiles=TileConfig(8, 16, 1 << 10))
+    cpu_tiled.release_workspaces()
+    assert cpu_tiled.workspace_nbytes() == 0
+    q, k, v, mk, mv, ml = make_inputs(3, 4, 2, 20, 50, 16, torch.bfloat16)
+    torch_op(q, k, v, mk, mv, ml).sum().backward()
+    held = cpu_tiled.workspace_nbytes()
+    # forward: one bf16 + one fp32 buffer, backward: two of each; one tile of one lane (4 x 8 x 16
+    # entries) exceeds the 1024-entry budget, so a group is a single lane
+    assert held == 4 * 8 * 16 * (2 + 4) + 4 * 8 * 16 * 2 * (2 + 4)
+    torch_op(q, k, v, mk, mv, ml).sum().backward()
+    assert cpu_tiled.workspace_nbytes() == held  # reused, not re-allocated per call
+    cpu_tiled.release_workspaces()
+    assert cpu_tiled.workspace_nbytes() == 0
