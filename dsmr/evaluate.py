@@ -92,7 +92,7 @@ def evaluate(
     raw.eval()
     state = raw.init_state(batch_lanes, device)
     try:
-        for _ in tqdm(range(batcher.epoch_len(0)), desc="eval", disable=not progress, leave=False):
+        for _ in tqdm(range(batcher.total_batches(1)), desc="eval", disable=not progress, leave=False):
             b = batcher.next_batch()
             nll, state = stream_segment(raw, state, b, autocast_dtype=autocast_dtype if autocast else None)
             mask = b.mask.to(device)

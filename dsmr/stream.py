@@ -12,16 +12,17 @@ How a corpus becomes batches (the :class:`LaneBatcher`)::
 
 Each lane keeps its piece until the piece ends; the last segment of a piece is padded with
 ``pad_id`` and its padded positions have target ``IGNORE_INDEX`` (no loss). A lane whose piece
-ended takes the next piece of the epoch's order and is reset (``state.reset(lanes)``). Once the
-order is used up, lanes idle (all padding, no loss, reset every batch) until the epoch's last
-lane ends; the next epoch starts with every lane reset. The epoch order is a permutation drawn
-from ``(seed, epoch)`` alone, so it can be rebuilt on resume and on every rank without
-communication.
+ended takes the next piece and is reset (``state.reset(lanes)``). The pieces come from one
+stream: epoch 0's order, then epoch 1's, ..., so when an epoch's order runs out a freed lane
+takes the next epoch's first piece instead of idling until the epoch's longest piece ends. Lanes
+idle (all padding, no loss, reset every batch) only after the last of ``max_epochs`` epochs. The
+epoch order is a permutation drawn from ``(seed, epoch)`` alone, so it can be rebuilt on resume
+and on every rank without communication.
 
 Distributed (``torchrun``): pieces of the epoch order are dealt round-robin to ranks
 (``order[rank::world]``). Every rank computes every rank's lane schedule from the piece lengths,
-so all ranks agree on the number of batches per epoch (the longest rank's) without talking; a
-rank that finishes early feeds no-loss batches.
+so all ranks agree on the number of batches of a run of E epochs (the longest rank's) without
+talking; a rank that finishes early feeds no-loss batches.
 
 :func:`stream_segment` is the one place a batch meets the model: training, evaluation, the
 KV-reset diagnostic and the benchmarks all call it, so they all stream by the same rules
@@ -197,10 +198,13 @@ def seq_slice(ids: np.ndarray, a: int, b: int, bos_id: int, eos_id: int) -> np.n
 class LaneBatcher:
     """Deals whole pieces to ``batch_lanes`` lanes and cuts them into ``segment_len`` segments.
 
-    ``next_batch() -> Batch`` (see the module docstring for the layout). Deterministic given
-    ``(seed, shuffle, rank, world_size)``; ``state_dict()`` / ``load_state_dict()`` capture the
-    exact position (epoch, order, next piece, each lane's piece and offset) for resuming.
-    With ``max_epochs`` the batcher yields idle (all-padding) batches after that many epochs.
+    ``next_batch() -> Batch`` (see the module docstring for the layout). This rank's stream of
+    pieces is its share of epoch 0's order, then of epoch 1's, and so on: a lane whose piece ends
+    takes the next piece of the stream even when that piece belongs to the next epoch, so no
+    lane idles at an epoch boundary. With ``max_epochs`` the stream ends after that many epochs
+    and lanes then idle (all padding). Deterministic given ``(seed, shuffle, rank, world_size)``;
+    ``state_dict()`` / ``load_state_dict()`` capture the exact position (the dealing epoch and
+    index, each lane's piece, offset and epoch) for resuming.
     """
 
     def __init__(self, pieces: Sequence[np.ndarray], batch_lanes: int, segment_len: int, *,
@@ -208,6 +212,7 @@ class LaneBatcher:
                  rank: int = 0, world_size: int = 1, max_epochs: Optional[int] = None):
         check_int("segment_len", segment_len, 1)
         check_int("batch_lanes", batch_lanes, 1)
+        check_int("max_epochs", max_epochs, 1, allow_none=True)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
         self.pieces = list(pieces)
@@ -221,10 +226,14 @@ class LaneBatcher:
         # BOS + ids are inputs; EOS is only ever a target.
         self.n_inputs = np.array([len(p) + 1 for p in self.pieces], dtype=np.int64)
         self.n_segments = -(-self.n_inputs // segment_len)
-        self._epoch_len_cache: Dict[int, int] = {}
+        self._total_cache: Dict[int, int] = {0: 0}
+        self.batch_idx = 0  # batches served
+        self.lane_piece = np.full(self.B, -1, dtype=np.int64)
+        self.lane_off = np.zeros(self.B, dtype=np.int64)
+        self.lane_epoch = np.full(self.B, -1, dtype=np.int64)
         self._start_epoch(0)
 
-    # -- epoch bookkeeping
+    # -- the stream of pieces
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Order of the pieces in ``epoch`` (a permutation drawn from ``(seed, epoch)``)."""
@@ -233,82 +242,86 @@ class LaneBatcher:
             return np.arange(n, dtype=np.int64)
         return np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
 
-    def _lanes_end(self, shard: np.ndarray) -> int:
-        """Batches until the last lane ends when lanes take ``shard`` greedily in order."""
+    def _shard(self, epoch: int, rank: int) -> np.ndarray:
+        return self.epoch_order(epoch)[rank::self.world_size]
+
+    def _lanes_end(self, stream: np.ndarray) -> int:
+        """Batches until the last lane ends when lanes take the pieces of ``stream`` greedily in order."""
         # (free at batch, lane): the batcher hands the next piece to the lane that frees first,
         # lowest lane index on ties, which is exactly this heap order.
         heap = [(0, lane) for lane in range(self.B)]
         end = 0
-        for p in shard:
+        for p in stream:
             t, lane = heapq.heappop(heap)
             t += int(self.n_segments[p])
             end = max(end, t)
             heapq.heappush(heap, (t, lane))
         return end
 
-    def epoch_len(self, epoch: int) -> int:
-        """Segment batches in ``epoch`` (the same on every rank: the longest rank's schedule)."""
-        if epoch not in self._epoch_len_cache:
-            order = self.epoch_order(epoch)
-            self._epoch_len_cache[epoch] = max(
-                self._lanes_end(order[r::self.world_size]) for r in range(self.world_size)
-            )
-        return self._epoch_len_cache[epoch]
-
     def total_batches(self, epochs: int) -> int:
-        return sum(self.epoch_len(e) for e in range(epochs))
+        """Segment batches until every rank's lanes have streamed ``epochs`` epochs (the longest rank's)."""
+        if epochs not in self._total_cache:
+            self._total_cache[epochs] = max(
+                self._lanes_end(np.concatenate([self._shard(e, r) for e in range(epochs)]))
+                for r in range(self.world_size)
+            )
+        return self._total_cache[epochs]
 
-    @property
-    def exhausted(self) -> bool:
-        """True once ``max_epochs`` epochs have been served (only idle batches follow)."""
-        return self.max_epochs is not None and self.epoch >= self.max_epochs
+    def epoch_len(self, epoch: int) -> int:
+        """Segment batches that ``epoch`` adds to the run: ``total_batches(epoch + 1) - total_batches(epoch)``."""
+        return self.total_batches(epoch + 1) - self.total_batches(epoch)
 
     def _start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = epoch  # the epoch whose pieces are being dealt
         self.order = self.epoch_order(epoch)
         self.shard = self.order[self.rank::self.world_size]
         self.next_idx = 0
-        self.batch_idx = 0
-        self.lane_piece = np.full(self.B, -1, dtype=np.int64)
-        self.lane_off = np.zeros(self.B, dtype=np.int64)
-        self.cur_epoch_len = 0 if self.exhausted else self.epoch_len(epoch)
+
+    def _deal(self) -> Optional[int]:
+        """The next piece of this rank's stream (crossing into the next epoch), or None at its end."""
+        if len(self.shard) == 0:  # fewer pieces than ranks: this rank never has one
+            return None
+        if self.next_idx >= len(self.shard):
+            if self.max_epochs is not None and self.epoch + 1 >= self.max_epochs:
+                return None
+            self._start_epoch(self.epoch + 1)
+        self.next_idx += 1
+        return int(self.shard[self.next_idx - 1])
+
+    def _active(self) -> np.ndarray:
+        """``(B,)`` bool: the lane's piece has inputs left."""
+        return (self.lane_piece >= 0) & (self.lane_off < self.n_inputs[np.maximum(self.lane_piece, 0)])
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the ``max_epochs`` stream is dealt and every lane has ended (only idle batches follow)."""
+        done_dealing = self.max_epochs is not None and self.epoch + 1 >= self.max_epochs \
+            and self.next_idx >= len(self.shard)
+        return done_dealing and not self._active().any()
 
     # -- batches
 
     def next_batch(self) -> Batch:
-        if not self.exhausted and self.batch_idx >= self.cur_epoch_len:
-            self._start_epoch(self.epoch + 1)
         B, S = self.B, self.S
         inputs = np.full((B, S), self.pad_id, dtype=np.int64)
         targets = np.full((B, S), IGNORE_INDEX, dtype=np.int64)
-        reset = np.zeros(B, dtype=bool)
+        reset = ~self._active()  # a lane whose piece ended (or that idles) starts over
         start = np.zeros(B, dtype=np.int64)
-        for lane in range(B):
-            p = int(self.lane_piece[lane])
-            if p >= 0 and self.lane_off[lane] >= self.n_inputs[p]:
-                p = -1  # its piece ended with the previous batch
-            if p < 0:
-                reset[lane] = True
-                if not self.exhausted and self.next_idx < len(self.shard):
-                    p = int(self.shard[self.next_idx])
-                    self.next_idx += 1
-                    self.lane_piece[lane], self.lane_off[lane] = p, 0
-                else:
-                    self.lane_piece[lane], self.lane_off[lane] = -1, 0
-                    continue
-            off = int(self.lane_off[lane])
+        for lane in np.flatnonzero(reset):
+            p = self._deal()
+            self.lane_piece[lane], self.lane_off[lane] = (-1, 0) if p is None else (p, 0)
+            self.lane_epoch[lane] = -1 if p is None else self.epoch
+        for lane in np.flatnonzero(self.lane_piece >= 0):
+            p, off = int(self.lane_piece[lane]), int(self.lane_off[lane])
             n = min(S, int(self.n_inputs[p]) - off)
-            ids = self.pieces[p]
-            inputs[lane, :n] = seq_slice(ids, off, off + n, self.bos_id, self.eos_id)
-            targets[lane, :n] = seq_slice(ids, off + 1, off + n + 1, self.bos_id, self.eos_id)
+            inputs[lane, :n] = seq_slice(self.pieces[p], off, off + n, self.bos_id, self.eos_id)
+            targets[lane, :n] = seq_slice(self.pieces[p], off + 1, off + n + 1, self.bos_id, self.eos_id)
             start[lane] = off
             self.lane_off[lane] = off + n
-        epoch = self.epoch
-        if not self.exhausted:
-            self.batch_idx += 1
+        self.batch_idx += 1
         return Batch(
             torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(reset),
-            torch.from_numpy(self.lane_piece.copy()), torch.from_numpy(start), epoch,
+            torch.from_numpy(self.lane_piece.copy()), torch.from_numpy(start), self.epoch,
         )
 
     def __iter__(self):
@@ -326,6 +339,7 @@ class LaneBatcher:
             "order": torch.from_numpy(self.order.copy()),
             "lane_piece": torch.from_numpy(self.lane_piece.copy()),
             "lane_off": torch.from_numpy(self.lane_off.copy()),
+            "lane_epoch": torch.from_numpy(self.lane_epoch.copy()),
             "n_pieces": len(self.pieces),
             "n_inputs_total": int(self.n_inputs.sum()),
             "batch_lanes": self.B,
@@ -350,6 +364,7 @@ class LaneBatcher:
         self.batch_idx, self.next_idx = int(d["batch_idx"]), int(d["next_idx"])
         self.lane_piece = d["lane_piece"].numpy().astype(np.int64).copy()
         self.lane_off = d["lane_off"].numpy().astype(np.int64).copy()
+        self.lane_epoch = d["lane_epoch"].numpy().astype(np.int64).copy()
 
 
 def segment_length(model_config, segment_len: Optional[int] = None) -> int:

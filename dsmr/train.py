@@ -162,7 +162,8 @@ def train_step(run: Run, batches: List[Batch]) -> dict:
     """One optimizer step over ``batches`` (``grad_accum`` segment batches); advances ``run``.
 
     Returns ``{"nll_sum": this rank's summed NLL (0-dim tensor), "tokens": real targets of the
-    step on all ranks, "grad_norm": pre-clip norm or None}``.
+    step on all ranks, "slots": lane slots (batches x lanes x positions) on all ranks,
+    "grad_norm": pre-clip norm or None}``; ``tokens / slots`` is the step's lane utilization.
     """
     n_global = float(sum_over_ranks(torch.tensor([float(sum(b.n_tokens for b in batches))],
                                                  dtype=torch.float64, device=run.device))[0])
@@ -186,7 +187,8 @@ def train_step(run: Run, batches: List[Batch]) -> dict:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    return {"nll_sum": nll_sum, "tokens": n_global, "grad_norm": grad_norm}
+    slots = sum(b.inputs.numel() for b in batches) * run.dist.world_size
+    return {"nll_sum": nll_sum, "tokens": n_global, "slots": float(slots), "grad_norm": grad_norm}
 
 
 def save(run: Run, paths: List[Path]) -> None:
@@ -238,19 +240,20 @@ def _evaluate_and_save(run: Run, metrics: MetricsLog, pbar, show: bool) -> None:
 
 
 class _Rate:
-    """Tokens per second since the last logged step."""
+    """Tokens per second and lane utilization (real tokens / lane slots) since the last logged step."""
 
     def __init__(self):
-        self.t, self.tokens = time.time(), 0
+        self.t, self.tokens, self.slots = time.time(), 0, 0
 
-    def add(self, n: float) -> None:
-        self.tokens += int(n)
+    def add(self, stats: dict) -> None:
+        self.tokens += int(stats["tokens"])
+        self.slots += int(stats["slots"])
 
-    def take(self) -> float:
+    def take(self) -> tuple:
         now = time.time()
-        rate = self.tokens / max(now - self.t, 1e-9)
-        self.t, self.tokens = now, 0
-        return rate
+        rate, util = self.tokens / max(now - self.t, 1e-9), self.tokens / max(self.slots, 1)
+        self.t, self.tokens, self.slots = now, 0, 0
+        return rate, util
 
 
 def _log(run: Run, stats: dict, metrics: MetricsLog, pbar, rate: _Rate) -> dict:
@@ -259,12 +262,12 @@ def _log(run: Run, stats: dict, metrics: MetricsLog, pbar, rate: _Rate) -> dict:
     if _due(run.cfg.log_every, run.step) or run.step == run.total_steps:
         total_nll = float(sum_over_ranks(stats["nll_sum"].detach().double().reshape(1))[0])
         loss = total_nll / max(stats["tokens"], 1.0)
-        tps = rate.take()
+        tps, util = rate.take()
         record.update({"type": "train", "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
-                       "tokens": int(stats["tokens"]), "tokens_per_s": tps,
+                       "tokens": int(stats["tokens"]), "tokens_per_s": tps, "lane_util": util,
                        "grad_norm": None if stats["grad_norm"] is None else float(stats["grad_norm"])})
         metrics.write(record)
-        pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tps:.0f}")
+        pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tps:.0f}", lanes=f"{util:.0%}")
     pbar.update(1)
     return record
 
@@ -327,7 +330,7 @@ def train(
     ``train_config.json``, ``model_config.json`` and ``curves.png``.
 
     Returns: ``{"step", "epoch", "train_loss", "val", "best_val_ppl", "tokens", "time_s",
-    "tokens_per_s", "n_params", "out_dir", "last_checkpoint", "best_checkpoint", "metrics",
+    "tokens_per_s", "lane_util" (real tokens / lane slots of this run's steps), "n_params", "out_dir", "last_checkpoint", "best_checkpoint", "metrics",
     "plot"}``.
     """
     cfg = train_cfg
@@ -358,7 +361,7 @@ def _loop(run: Run, metrics: MetricsLog, resume_step: Optional[int], callback, r
     pbar = tqdm(total=run.total_steps, initial=run.step, disable=not (show and run.master), desc="train",
                 dynamic_ncols=True)
     t_start, rate = time.time(), _Rate()
-    tokens_seen, train_loss = 0, None
+    tokens_seen, slots_seen, train_loss = 0, 0, None
     run.model.train()
     try:
         while True:
@@ -368,7 +371,8 @@ def _loop(run: Run, metrics: MetricsLog, resume_step: Optional[int], callback, r
                 break
             stats = train_step(run, [run.batcher.next_batch() for _ in range(run.cfg.grad_accum)])
             tokens_seen += int(stats["tokens"])
-            rate.add(stats["tokens"])
+            slots_seen += int(stats["slots"])
+            rate.add(stats)
             record = _log(run, stats, metrics, pbar, rate)
             train_loss = record.get("loss", train_loss)
             if callback is not None:
@@ -383,6 +387,7 @@ def _loop(run: Run, metrics: MetricsLog, resume_step: Optional[int], callback, r
         "step": run.step, "epoch": run.batcher.epoch, "train_loss": train_loss, "val": run.last_val,
         "best_val_ppl": None if math.isinf(run.best_ppl) else run.best_ppl, "tokens": tokens_seen,
         "time_s": elapsed, "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
+        "lane_util": tokens_seen / slots_seen if slots_seen else None,
         "n_params": run.raw_model.num_params(), "out_dir": str(run.out_dir),
         "last_checkpoint": str(last) if last.exists() else None,
         "best_checkpoint": str(best) if best.exists() else None,

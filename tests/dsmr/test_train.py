@@ -50,7 +50,7 @@ def test_seq_slice_matches_concatenation():
 def test_batcher_bos_eos_padding_and_resets():
     pieces = [np.arange(10, 10 + n) for n in (5, 11, 2, 7, 3)]
     S, B = 4, 2
-    bt = LaneBatcher(pieces, B, S, pad_id=PAD, bos_id=BOS, eos_id=EOS, shuffle=False)
+    bt = LaneBatcher(pieces, B, S, pad_id=PAD, bos_id=BOS, eos_id=EOS, shuffle=False, max_epochs=1)
     n_batches = bt.epoch_len(0)
     rebuilt = {i: ([], []) for i in range(len(pieces))}
     expected_offset = {}
@@ -81,9 +81,36 @@ def test_batcher_bos_eos_padding_and_resets():
         assert inp == [BOS] + p.tolist()
         assert tgt == p.tolist() + [EOS]
         assert BOS not in tgt and EOS not in inp
-    # the next batch begins epoch 1 with every lane reset
+    # the one-epoch stream is over: every lane idles (reset, no loss) from here on
     b = bt.next_batch()
-    assert b.epoch == 1 and bool(b.reset.all())
+    assert bt.exhausted and b.n_tokens == 0 and bool(b.reset.all()) and (b.piece < 0).all()
+
+
+def test_freed_lanes_take_the_next_epochs_pieces():
+    """No lane idles at an epoch boundary: a freed lane takes the next epoch's first piece."""
+    pieces = [np.arange(10, 10 + n) for n in (5, 40, 2, 7, 3, 9)]
+    B, S, E = 3, 4, 3
+    bt = LaneBatcher(pieces, B, S, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=1, max_epochs=E)
+    n = bt.total_batches(E)
+    starts, idle_before_last_deal, straddled, last_deal = [], 0, False, None
+    for k in range(n):
+        b = bt.next_batch()
+        starts += [(int(e), int(p)) for p, s, e in zip(b.piece, b.start, bt.lane_epoch) if p >= 0 and s == 0]
+        live = bt.lane_epoch[bt.lane_epoch >= 0]
+        straddled |= len(set(live.tolist())) > 1
+        if bt.epoch == E - 1 and bt.next_idx == len(bt.shard) and last_deal is None:
+            last_deal = k
+        if last_deal is None:
+            idle_before_last_deal += int((b.piece < 0).sum())
+    assert idle_before_last_deal == 0, "a lane idled while the stream still had pieces"
+    assert straddled, "lanes held pieces of two epochs at once"
+    for e in range(E):  # every piece exactly once per epoch, in that epoch's order
+        assert [p for ep, p in starts if ep == e] == bt.epoch_order(e).tolist()
+    assert bt.next_batch().n_tokens == 0 and bt.exhausted
+    # the run is shorter than epochs that each wait for their longest piece
+    per_epoch = [LaneBatcher(pieces, B, S, pad_id=PAD, bos_id=BOS, eos_id=EOS)._lanes_end(bt.epoch_order(e))
+                 for e in range(E)]
+    assert n < sum(per_epoch), (n, per_epoch)
 
 
 def test_batcher_epoch_length_matches_simulation_and_shards():
@@ -211,6 +238,35 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, grad_accum, horizons):
     mb, _ = load_model(tmp_path / "b" / "last.pt")
     for (n, p), q in zip(ma.state_dict().items(), mb.state_dict().values()):
         assert torch.equal(p, q), n
+
+
+def test_kill_and_resume_across_an_epoch_boundary(tmp_path):
+    """The checkpoint is taken while the lanes stream pieces of two epochs; the resumed run matches."""
+    pieces = motif_corpus(5, seed=8, reps=(2, 9))
+    probe = LaneBatcher(pieces, 2, 8, pad_id=PAD, bos_id=BOS, eos_id=EOS, seed=11)
+    k = 0
+    while len(set(probe.lane_epoch.tolist())) < 2:  # batches until two epochs share the lanes
+        probe.next_batch()
+        k += 1
+    mc = tiny_config(segment_len=8, horizons=[None, 5], dropout=0.1)
+    common = dict(batch_lanes=2, max_steps=k + 4, lr=2e-3, warmup_steps=2, eval_every=0, ckpt_every=k,
+                  log_every=1, seed=11, plot=False)
+    train(mc, TrainConfig(out_dir=str(tmp_path / "a"), **common), pieces, None, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+
+    def kill(step, rec):
+        if step == k + 2:
+            raise _Killed()
+
+    cut = TrainConfig(out_dir=str(tmp_path / "b"), **common)
+    with pytest.raises(_Killed):
+        train(mc, cut, pieces, None, pad_id=PAD, bos_id=BOS, eos_id=EOS, callback=kill)
+    ck = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert ck["step"] == k and len(set(ck["data"][0]["lane_epoch"].tolist())) == 2
+    s = train(mc, cut, pieces, None, pad_id=PAD, bos_id=BOS, eos_id=EOS, resume=True)
+    assert s["step"] == k + 4 and s["lane_util"] > 0
+    assert _losses(tmp_path / "a" / "metrics.jsonl") == _losses(tmp_path / "b" / "metrics.jsonl")
+    recs = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert all(0 < r["lane_util"] <= 1 for r in recs if r["type"] == "train")
 
 
 def test_epochs_mode_and_grad_accum(tmp_path):
