@@ -232,3 +232,32 @@ def test_bf16_autocast_gradients_through_the_tiled_path(monkeypatch):
     err = lambda g: float((g - g32).norm() / g32.norm())  # noqa: E731
     assert err(g_tiled) < 0.05
     assert err(g_tiled) <= 1.5 * err(g_aten) + 1e-3
+
+
+def test_state_compact_and_wipe():
+    """compact drops only slots no lane can see (same logits after); wipe empties memory, keeps positions."""
+    from dsmr_kernels import AttentionState
+
+    torch.manual_seed(0)
+    model = DSMRModel(DSMRConfig(vocab_size=11, n_layers=2, d_model=16, n_heads=2, segment_len=4,
+                                 horizons=[None, 3])).eval()
+    x = torch.randint(0, 11, (2, 4))
+    with torch.no_grad():
+        _, st = model(x, model.init_state(2))
+        _, st = model(x, st)  # layer 0 holds 8 slots per lane
+        # As after a reset: lane 0 sees only its newest 4 slots, lane 1 its newest 3.
+        st = type(st)([AttentionState(s.mem_k, s.mem_v, torch.minimum(s.mem_len, torch.tensor([4, 3])), s.pos)
+                       for s in st.layers])
+        assert st.layers[0].capacity == 8 and st.layers[1].capacity == 3
+        small = st.compact(4)
+        assert small.layers[0].capacity == 4 and small.layers[1].capacity == 3
+        a, _ = model(x, st)
+        b, _ = model(x, small)
+        assert torch.equal(a, b)
+        w = st.wipe()
+        assert all(int(s.mem_len.sum()) == 0 for s in w.layers) and torch.equal(w.pos, st.pos)
+        c, _ = model(x, w)
+        empty = type(st)([AttentionState(None, None, torch.zeros(2, dtype=torch.long), st.pos.clone())
+                          for _ in st.layers])
+        d, _ = model(x, empty)
+        assert torch.allclose(c, d) and not torch.allclose(a, c)
