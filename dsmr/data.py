@@ -46,7 +46,7 @@ from .tokenizer import (
     default_tokenizer_config,
     ids_to_midi,
     ids_to_score,
-    load_piano_score,
+    load_score,
     load_tokenizer,
     midi_to_ids,
     save_tokenizer_config,
@@ -55,7 +55,7 @@ from .tokenizer import (
 )
 
 __all__ = [
-    "TokenCache", "CacheError", "MidiSkipWarning", "prepare_cache", "cache_key",
+    "TokenCache", "CacheError", "MidiSkipWarning", "warning_line", "prepare_cache", "cache_key",
     "build_tokenizer", "default_tokenizer_config", "load_tokenizer", "save_tokenizer_config",
     "midi_to_ids", "ids_to_score", "ids_to_midi",
 ]
@@ -71,7 +71,25 @@ _SET_FIELDS = ("programs", "use_note_duration_programs", "control_change_numbers
 
 
 class MidiSkipWarning(UserWarning):
-    """A source file was skipped (unreadable, empty, no notes, or missing)."""
+    """A source file was skipped (unreadable, empty, no notes, or missing).
+
+    ``name`` (the file's name in its source) and ``reason`` are kept apart from the message, so
+    a front end can print its own line (the CLI: ``skipped NAME: reason``, see :func:`warning_line`).
+    """
+
+    def __init__(self, message: str, name: Optional[str] = None, reason: Optional[str] = None):
+        super().__init__(message)
+        self.name, self.reason = name, reason
+
+
+def warning_line(message) -> str:
+    """One line for a warning on the command line, without the Python source line.
+
+    A :class:`MidiSkipWarning` gives ``skipped NAME: reason``; any other ``dsmr: warning: ...``.
+    """
+    if isinstance(message, MidiSkipWarning) and message.name is not None:
+        return f"skipped {message.name}: {message.reason}"
+    return f"dsmr: warning: {message}"
 
 
 class CacheError(ValueError):
@@ -248,7 +266,7 @@ def _tokenize_job(job):
     """``(i, path) -> (i, ids or None, reason or None)``; never raises, so one bad file cannot stop a build."""
     i, path = job
     try:
-        score = load_piano_score(path)
+        score = load_score(path, _WORKER_TOKENIZER)
         if score.note_num() == 0:
             return i, None, "no notes"
         ids = midi_to_ids(score, _WORKER_TOKENIZER)
@@ -348,7 +366,7 @@ def _build(source: Source, tokenizer, params: dict, key: str, final: Path, worke
         pieces, arrays, skipped = [], [], []
         for f, (ids, reason) in zip(files, results):
             if ids is None:
-                warnings.warn(f"skipping {f.path}: {reason}", MidiSkipWarning, stacklevel=3)
+                warnings.warn(MidiSkipWarning(f"skipping {f.path}: {reason}", f.name, reason), stacklevel=3)
                 skipped.append({"name": f.name, "reason": reason})
             else:
                 pieces.append({"name": f.name, "split": f.split, "length": int(ids.size)})

@@ -11,6 +11,10 @@ the tokens of segment k up to itself. Generation reproduces that rule token by t
 
 so every layer's cache holds at most ``horizon + S`` slots (None horizons: the whole history),
 and the logits equal those of a segment-wise forward over the same tokens.
+
+With ``grammar=tokenizer`` every step first masks the tokens that would break the tokenizer's
+grammar (see :mod:`dsmr.grammar`): its state machine runs over the prompt, then over each sampled
+token, so every sampled sequence has MidiTok ``tokens_errors == 0``.
 """
 from __future__ import annotations
 
@@ -87,14 +91,40 @@ def _repeat_state(state, n: int):
                        for s in state.layers])
 
 
+class _GrammarMask:
+    """Adapts a :class:`dsmr.grammar.TokenGrammar` to the model's vocab and the decode loop."""
+
+    def __init__(self, grammar, vocab_size: int, n: int, prompt, allow_eos: bool):
+        from .grammar import as_grammar
+
+        self.g = as_grammar(grammar)
+        if self.g.vocab_size > vocab_size:
+            raise ValueError(f"grammar: the tokenizer has {self.g.vocab_size} tokens but the model only "
+                             f"{vocab_size}; pass the tokenizer the model was trained with")
+        self.vocab_size, self.allow_eos = vocab_size, allow_eos
+        self.state = self.g.start(1)
+        self.g.advance_many(self.state, prompt)  # once, then copied into the n lanes
+        self.state = self.state.repeat(n)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (n, V_model) with every disallowed token at -inf."""
+        m = self.g.mask(self.state, allow_eos=self.allow_eos)  # (n, V_tokenizer)
+        if self.vocab_size > m.shape[1]:  # ids past the tokenizer's vocab are never valid
+            m = np.concatenate([m, np.zeros((m.shape[0], self.vocab_size - m.shape[1]), bool)], 1)
+        return logits.masked_fill(~torch.from_numpy(m).to(logits.device), float("-inf"))
+
+
 def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eos, device, progress,
-            on_forward=None):
+            on_forward=None, grammar=None):
     """The loop behind :func:`generate` and :func:`generate_samples` (see the module docstring).
 
     Runs the prompt once (batch 1), copies its state into ``n`` lanes (n > 1), then samples one
-    token per lane per step. ``on_forward(logits (n, t, V), state)`` sees every forward before
-    any truncation. Returns ``(new ids per lane, stopped-at-EOS per lane)``.
+    token per lane per step, masked by ``grammar`` (a tokenizer or ``TokenGrammar``) if given.
+    ``on_forward(logits (n, t, V), state)`` sees every forward before any truncation. Returns
+    ``(new ids per lane, stopped-at-EOS per lane)``.
     """
+    gmask = None if grammar is None else _GrammarMask(
+        grammar, raw.config.vocab_size, n, prompt, allow_eos=stop_at_eos and eos_id is not None)
     S, horizons = raw.config.segment_len, raw.config.layer_horizons
     was_training = raw.training
     raw.eval()
@@ -126,6 +156,8 @@ def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eo
 
         desc = "generate" if n == 1 else f"generate x{n}"
         for i in tqdm(range(max_new_tokens), desc=desc, disable=not progress, leave=False):
+            if gmask is not None:
+                last = gmask.apply(last)
             step = []
             for b in range(n):
                 if stopped[b]:
@@ -136,6 +168,8 @@ def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eo
                 step.append(tok)
                 if stop_at_eos and eos_id is not None and tok == eos_id:
                     stopped[b] = True
+            if gmask is not None:
+                gmask.g.advance(gmask.state, step)
             if all(stopped) or i == max_new_tokens - 1:
                 break  # the last token is never fed back
             step_in = torch.tensor(step, dtype=torch.long, device=device)[:, None]  # (n, 1)
@@ -164,6 +198,7 @@ def generate(
     device=None,
     return_logits: bool = False,
     progress: bool = False,
+    grammar=None,
 ) -> dict:
     """Continue ``prompt`` by sampling up to ``max_new_tokens`` tokens.
 
@@ -175,6 +210,9 @@ def generate(
         seed: seeds the sampling generator (same seed -> same tokens); None: nondeterministic.
         eos_id, stop_at_eos: stop after sampling ``eos_id`` (it is included in the output).
         return_logits: also return the logits of every position fed to the model.
+        grammar: a MidiTok REMI tokenizer (or a :class:`dsmr.grammar.TokenGrammar`): mask, at every
+            step, the tokens that would break its grammar, so the sequence has ``tokens_errors == 0``
+            (see :mod:`dsmr.grammar`); with ``stop_at_eos=False`` EOS is masked too. None: no mask.
 
     Returns: ``{"tokens": prompt + new (list), "new_tokens": list, "stopped_at_eos": bool,
     "max_capacity": per-layer largest cache size (slots) seen, "logits": (T - 1, V) float tensor
@@ -195,7 +233,7 @@ def generate(
     new, stopped = _decode(raw, prompt, max_new_tokens, 1,
                            sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), gen=gen,
                            eos_id=eos_id, stop_at_eos=stop_at_eos, device=device, progress=progress,
-                           on_forward=on_forward)
+                           on_forward=on_forward, grammar=grammar)
     new = new[0]
     out = {"tokens": prompt + new, "new_tokens": new, "stopped_at_eos": stopped[0], "max_capacity": max_cap}
     if return_logits:
@@ -219,6 +257,7 @@ def generate_samples(
     stop_at_eos: bool = True,
     device=None,
     progress: bool = False,
+    grammar=None,
 ) -> list:
     """``num_samples`` independent continuations of one prompt, decoded as a batch of lanes.
 
@@ -226,7 +265,8 @@ def generate_samples(
     sample and decode together, one token per step for all lanes, with the same bounded caches
     and segment rule as :func:`generate`. A lane that samples ``eos_id`` (with ``stop_at_eos``)
     stops; the batch stops when every lane has. Arguments as in :func:`generate`; draws come from
-    one seeded generator, lane by lane, so a seed fixes all samples.
+    one seeded generator, lane by lane, so a seed fixes all samples. ``grammar`` masks each lane
+    with its own grammar state, as in :func:`generate`.
 
     Returns: a list of ``num_samples`` dicts ``{"tokens": prompt + new, "new_tokens",
     "stopped_at_eos"}``.
@@ -237,5 +277,6 @@ def generate_samples(
     prompt, device, gen = _prepare(raw, prompt, device, seed)
     new, stopped = _decode(raw, prompt, max_new_tokens, num_samples,
                            sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), gen=gen,
-                           eos_id=eos_id, stop_at_eos=stop_at_eos, device=device, progress=progress)
+                           eos_id=eos_id, stop_at_eos=stop_at_eos, device=device, progress=progress,
+                           grammar=grammar)
     return [{"tokens": prompt + n, "new_tokens": n, "stopped_at_eos": st} for n, st in zip(new, stopped)]

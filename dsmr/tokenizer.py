@@ -1,8 +1,14 @@
-"""MIDI <-> token ids with MidiTok REMI, configured for solo piano performance.
+"""MIDI <-> token ids with MidiTok REMI, from two presets.
 
-One piece is one token stream. Piano scores often come as two tracks (one per staff, or one per
-hand); they are merged into a single piano track before tokenizing, so a piece never turns into
-two sequences. Drum tracks are dropped.
+One piece is always one token stream. Two presets (:data:`PRESETS`):
+
+- ``"piano"`` (the default): solo piano performance. Piano scores often come as two tracks (one
+  per staff, or one per hand); every non-drum track is merged into one piano track before
+  tokenizing, and drum tracks are dropped.
+- ``"multitrack"``: any General MIDI file. Every track is kept: a ``Program`` token before each
+  note names its instrument (all 128 GM programs, plus ``-1`` for drums, whose notes use
+  ``PitchDrum`` tokens), in one stream; tempo and time-signature tokens are kept. Decoding writes
+  one MIDI track per program, drums on the drum channel.
 
 The configuration is always explicit and saved: MidiTok's defaults have changed between releases,
 so a cache or checkpoint keeps the *full* ``TokenizerConfig`` (MidiTok's own ``tokenizer.json``,
@@ -23,7 +29,7 @@ import os
 import tempfile
 from copy import deepcopy
 from pathlib import Path
-from typing import Any, Iterable, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -42,6 +48,7 @@ TokenizerSpec = Union[None, dict, PathLike, "miditok.MusicTokenizer"]
 
 TOKENIZER_FILE = "tokenizer.json"
 SPECIAL_TOKENS = ("PAD", "BOS", "EOS")
+PRESETS = ("piano", "multitrack")
 
 
 def default_tokenizer_config() -> dict:
@@ -84,6 +91,44 @@ def default_tokenizer_config() -> dict:
         "remove_duplicated_notes": True,
         "delete_equal_successive_tempo_changes": True,
     }
+
+
+def multitrack_tokenizer_config() -> dict:
+    """The REMI settings of the ``"multitrack"`` preset, as ``TokenizerConfig`` keyword arguments.
+
+    The piano settings (:func:`default_tokenizer_config`: velocities, beat resolution, tempos)
+    with, for General MIDI files of any instrumentation:
+
+    - ``use_programs`` with ``one_token_stream_for_programs``: one stream for every track, a
+      ``Program`` token before each note (``program_changes=False``), programs ``-1`` (drums) and
+      ``0..127``; tracks of one program are merged by MidiTok;
+    - the full MIDI pitch range (0-127) for pitched notes, ``PitchDrum`` tokens for drum keys 27-87;
+    - ``TimeSig`` tokens (MidiTok's default set, 3/8 to 12/8) after every bar;
+    - no sustain-pedal tokens (they would cost a token per pedal per program).
+    """
+    cfg = default_tokenizer_config()
+    cfg.update({
+        "pitch_range": (0, 127),
+        "use_programs": True,
+        "one_token_stream_for_programs": True,
+        "program_changes": False,
+        "programs": list(range(-1, 128)),
+        "use_pitchdrum_tokens": True,
+        "drums_pitch_range": (27, 88),
+        "use_time_signatures": True,
+        "use_sustain_pedals": False,
+        "delete_equal_successive_time_sig_changes": True,
+    })
+    return cfg
+
+
+def preset_config(name: str) -> dict:
+    """``TokenizerConfig`` keyword arguments of a preset: ``"piano"`` or ``"multitrack"``."""
+    if name == "piano":
+        return default_tokenizer_config()
+    if name == "multitrack":
+        return multitrack_tokenizer_config()
+    raise ValueError(f"unknown tokenizer preset {name!r}; presets are {PRESETS} (or give a tokenizer.json path)")
 
 
 def _is_tokenizer_dict(d: dict) -> bool:
@@ -132,7 +177,8 @@ def build_tokenizer(config: TokenizerSpec = None) -> "miditok.REMI":
 
     ``config`` may be:
 
-    - ``None``: :func:`default_tokenizer_config`;
+    - ``None`` or ``"piano"``: :func:`default_tokenizer_config` (solo piano, the default);
+    - ``"multitrack"``: :func:`multitrack_tokenizer_config` (every GM program and drums, one stream);
     - a dict of ``TokenizerConfig`` fields: applied *over* :func:`default_tokenizer_config`
       (so ``{"num_velocities": 16}`` changes one thing); the JSON-serialized form
       (``"0_4"`` keys, lists for tuples) is accepted too;
@@ -141,11 +187,17 @@ def build_tokenizer(config: TokenizerSpec = None) -> "miditok.REMI":
       including a learned BPE vocabulary;
     - a path to a ``tokenizer.json`` (or its folder), or an existing MidiTok tokenizer (returned as is).
 
-    Raises ``ValueError`` when PAD is not id 0 or BOS/EOS are missing.
+    Raises ``ValueError`` when PAD is not id 0 or BOS/EOS are missing, or for a string that is
+    neither a preset nor an existing path.
     """
     if isinstance(config, miditok.MusicTokenizer):
         return _check_special_ids(config)
+    if isinstance(config, str) and config in PRESETS:
+        return _check_special_ids(miditok.REMI(_config_from_flat(preset_config(config))))
     if isinstance(config, (str, os.PathLike)):
+        if not Path(config).exists():
+            raise ValueError(f"tokenizer {str(config)!r} is neither a preset {PRESETS} nor an existing "
+                             f"tokenizer.json file or folder")
         return load_tokenizer(config)
     if config is None:
         config = default_tokenizer_config()
@@ -254,14 +306,33 @@ def load_piano_score(source: Union[PathLike, "symusic.Score"]) -> "symusic.Score
     return score
 
 
+def is_multitrack(tokenizer: "miditok.MusicTokenizer") -> bool:
+    """True when ``tokenizer`` keeps instruments apart (``Program`` tokens in one stream)."""
+    return bool(tokenizer.config.use_programs and tokenizer.config.one_token_stream_for_programs)
+
+
+def load_score(source: Union[PathLike, "symusic.Score"], tokenizer: "miditok.MusicTokenizer") -> "symusic.Score":
+    """Read a MIDI file (or copy a ``symusic.Score``) the way ``tokenizer`` will see it.
+
+    A multitrack tokenizer (:func:`is_multitrack`) gets every track as is (MidiTok merges tracks
+    of one program itself); any other gets one merged piano track (:func:`load_piano_score`).
+    """
+    if not is_multitrack(tokenizer):
+        return load_piano_score(source)
+    if isinstance(source, (str, os.PathLike)):
+        return symusic.Score(str(source))
+    return source.copy()
+
+
 def midi_to_ids(source: Union[PathLike, "symusic.Score"], tokenizer: "miditok.MusicTokenizer") -> np.ndarray:
     """Tokenize one piece: a MIDI path or ``symusic.Score`` -> token ids, shape ``(T,)``, int32.
 
-    Tracks are merged first (:func:`load_piano_score`), so the piece is one stream. No BOS/EOS.
+    The piece becomes one stream: a multitrack tokenizer keeps every track (``Program`` tokens),
+    the piano one merges tracks first (:func:`load_score`). No BOS/EOS.
     A trained (BPE) tokenizer returns BPE ids. A file with no notes in the tokenizer's pitch
     range gives an empty array; an unreadable file raises (``RuntimeError`` from symusic).
     """
-    score = load_piano_score(source)
+    score = load_score(source, tokenizer)
     seq = tokenizer.encode(score)
     if isinstance(seq, list):
         # use_programs=False: one TokSequence per track; merging left at most one.
@@ -271,6 +342,52 @@ def midi_to_ids(source: Union[PathLike, "symusic.Score"], tokenizer: "miditok.Mu
     else:
         ids = seq.ids
     return np.asarray(ids, dtype=np.int32)
+
+
+def parse_bar_range(spec: str) -> tuple:
+    """``"A:B"`` (bars A to B), ``"A:"``, ``":B"`` or ``"A"`` -> ``(first, last)``, 1-based, None = open end."""
+    parts = str(spec).split(":")
+    try:
+        if len(parts) == 1:
+            first = last = int(parts[0])
+        elif len(parts) == 2:
+            first, last = (int(p) if p.strip() else None for p in parts)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bar range {spec!r} must look like A:B, A:, :B or A (bar numbers from 1)") from None
+    if (first is not None and first < 1) or (last is not None and last < 1) or \
+            (first is not None and last is not None and last < first):
+        raise ValueError(f"bar range {spec!r}: bars count from 1 and B must not come before A")
+    return first, last
+
+
+def slice_bars(ids: Union[Sequence[int], np.ndarray], tokenizer: "miditok.MusicTokenizer",
+               first: Optional[int] = None, last: Optional[int] = None) -> np.ndarray:
+    """Bars ``first`` to ``last`` (1-based, inclusive, as a score numbers them) of a piece's ids ``(T,)``.
+
+    REMI writes one ``Bar`` token per bar, leading empty bars included, so bar numbers are those
+    of the MIDI file. The tempo in force at the cut is carried: when the slice's first position
+    has no ``Tempo`` token, the last one before the cut is inserted after it (time signatures
+    need nothing, REMI repeats them after every ``Bar``). Returns an int32 array; raises
+    ``ValueError`` when the range lies outside the piece.
+    """
+    arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+    starts = np.flatnonzero(arr == tokenizer.vocab["Bar_None"])
+    n_bars = len(starts)
+    first = 1 if first is None else int(first)
+    last = n_bars if last is None else int(last)
+    if not 1 <= first <= last <= n_bars:
+        raise ValueError(f"bars {first}:{last} lie outside the piece, which has {n_bars} bars (1:{n_bars})")
+    lo, hi = starts[first - 1], (starts[last] if last < n_bars else arr.size)
+    out = arr[lo:hi].tolist()
+    types = [tokenizer[int(i)].split("_")[0] for i in arr[:hi]]
+    tempos = [i for i in range(lo) if types[i] == "Tempo"]
+    first_pos = next((i for i in range(lo, hi) if types[i] == "Position"), None)
+    if tempos and first_pos is not None and (first_pos + 1 >= hi or types[first_pos + 1] != "Tempo"):
+        k = first_pos - lo + 1
+        out = out[:k] + [int(arr[tempos[-1]])] + out[k:]
+    return np.asarray(out, dtype=np.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,7 +430,7 @@ def ids_to_midi(ids: Union[Sequence[int], np.ndarray, Any], tokenizer: "miditok.
 
 
 class _MergedTrainingIterator:
-    """Yields each file's base-token ids as MidiTok's byte strings, tracks merged like ``midi_to_ids``.
+    """Yields each file's base-token ids as MidiTok's byte strings, tracks loaded like ``midi_to_ids``.
 
     MidiTok's own iterator tokenizes every track separately; ours matches what the cache stores.
     Unreadable files yield nothing.
@@ -330,7 +447,7 @@ class _MergedTrainingIterator:
         tok = self.tokenizer
         for path in self.files_paths:
             try:
-                seqs = tok.encode(load_piano_score(path), encode_ids=False)
+                seqs = tok.encode(load_score(path, tok), encode_ids=False)
             except Exception:  # noqa: BLE001 - a bad file must not stop training
                 continue
             seqs = seqs if isinstance(seqs, list) else [seqs]
