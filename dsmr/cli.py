@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from .commands import COMMANDS
@@ -31,14 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one plain line each, never the Python source line."""
+    from .data import warning_line
+
+    print(warning_line(message), file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``dsmr`` console script."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except KeyboardInterrupt:
-        print("dsmr: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # the Python API keeps the standard warnings
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args) or 0
+        except KeyboardInterrupt:
+            print("dsmr: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

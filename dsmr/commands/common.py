@@ -56,20 +56,39 @@ def add_source_args(parser: argparse.ArgumentParser, *, positional: bool = False
     parser.add_argument("--workers", type=int, default=2, help="tokenizing processes")
 
 
+def add_tokenizer_arg(parser: argparse.ArgumentParser) -> None:
+    """``--tokenizer piano|multitrack|PATH`` (None: the piano preset, or a config file's choice)."""
+    parser.add_argument("--tokenizer", default=None, metavar="piano|multitrack|PATH",
+                        help="tokenizer preset (piano, the default: one merged piano track; multitrack: every "
+                             "GM program and drums) or a saved tokenizer.json; saved with the cache and checkpoints")
+
+
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint, e.g. runs/dsmr/best.pt")
     parser.add_argument("--device", default="cpu")
 
 
 def load_data(args, tokenizer_config=None):
-    """The token cache of ``args.source`` (built once) for ``tokenizer_config``."""
-    from ..data import prepare_cache
+    """The token cache of ``args.source`` (built once) for ``tokenizer_config``.
 
-    try:
-        return prepare_cache(args.source or "demo", cache_dir=args.cache_dir, tokenizer_config=tokenizer_config,
-                             workers=getattr(args, "workers", 2), progress=True)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        die(str(e))
+    Warnings of the build come out as one line each once it is done (``skipped NAME: reason`` per
+    skipped file, no Python source lines); ``args.skips_printed`` tells whether there were any.
+    """
+    import warnings
+
+    from ..data import MidiSkipWarning, prepare_cache, warning_line
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cache = prepare_cache(args.source or "demo", cache_dir=args.cache_dir, tokenizer_config=tokenizer_config,
+                                  workers=getattr(args, "workers", 2), progress=True)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            die(str(e))
+    for w in caught:
+        print(warning_line(w.message), file=sys.stderr)
+    args.skips_printed = any(isinstance(w.message, MidiSkipWarning) for w in caught)
+    return cache
 
 
 def load_checkpoint(args):

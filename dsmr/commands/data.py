@@ -1,13 +1,14 @@
 """``dsmr data prepare|stats|list``: build a token cache, show its statistics, list caches."""
 from __future__ import annotations
 
-from .common import add_source_args, default_cache_root, die, fmt_int, load_data, print_table
+from .common import add_source_args, add_tokenizer_arg, default_cache_root, die, fmt_int, load_data, print_table
 
 
 def register(sub) -> None:
     p = sub.add_parser("data", help="prepare or list sources, show token statistics")
     p.add_argument("action", choices=["prepare", "stats", "list"])
     add_source_args(p, positional=True)
+    add_tokenizer_arg(p)
     p.add_argument("--pieces", action="store_true", help="with stats: one line per piece")
     p.set_defaults(func=run)
 
@@ -42,7 +43,7 @@ def run(args) -> int:
         return _list(args)
     if not args.source:
         die(f"`dsmr data {args.action}` needs a source: demo, a MAESTRO folder or a MIDI folder")
-    cache = load_data(args)
+    cache = load_data(args, args.tokenizer)
     st = cache.stats()
     print(f"cache: {cache.path}")
     print(f"vocab size {cache.vocab_size} (pad {cache.pad_id}, bos {cache.bos_id}, eos {cache.eos_id})")
@@ -50,8 +51,11 @@ def run(args) -> int:
             for s, v in st.items() if s != "skipped"]
     print_table(["split", "pieces", "tokens", "min", "median", "max"], rows)
     print(f"skipped files: {st['skipped']}")
-    for item in cache.skipped[:20]:
-        print(f"  {item}")
+    if not args.skips_printed:  # a cache built earlier: its build's skip lines were not shown now
+        for item in cache.skipped[:20]:
+            print(f"skipped {item['name']}: {item['reason']}")
+        if len(cache.skipped) > 20:
+            print(f"... and {len(cache.skipped) - 20} more (index.json in the cache folder lists them all)")
     if args.action == "stats" and args.pieces:
         for split in cache.splits:
             for name, n in zip(cache.names(split), cache.lengths(split)):

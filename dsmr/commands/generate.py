@@ -1,6 +1,7 @@
 """``dsmr generate``: continue a MIDI prompt (or ids, or BOS) and write MIDI file(s)."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from .common import add_checkpoint_args, die, load_checkpoint, write_json
@@ -11,7 +12,10 @@ def register(sub) -> None:
     add_checkpoint_args(p)
     p.add_argument("--prompt", help="a .mid/.midi file to continue (default: start from BOS)")
     p.add_argument("--prompt-ids", help="or token ids, comma-separated")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="use only the first N tokens of the prompt MIDI")
+    p.add_argument("--prompt-bars", default=None, metavar="A:B",
+                   help="use bars A to B of the prompt MIDI (numbered from 1; A: or :B leave an end open)")
+    p.add_argument("--prompt-tokens", type=int, default=None,
+                   help="use only the first N tokens of the prompt MIDI (after --prompt-bars)")
     p.add_argument("--out", required=True, help="output .mid path")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -21,18 +25,28 @@ def register(sub) -> None:
     p.add_argument("--ids-out", help="also write the token ids as JSON (a list of lists with --num-samples)")
     p.add_argument("--num-samples", type=int, default=1,
                    help="continuations of the prompt, decoded together as a batch; files OUT_1.mid, OUT_2.mid, ...")
+    p.add_argument("--grammar", action=argparse.BooleanOptionalAction, default=True,
+                   help="mask every token that would break the tokenizer's grammar, so the MIDI decodes "
+                        "without MidiTok tokens_errors (default: on; --no-grammar samples freely)")
     p.set_defaults(func=run)
 
 
 def _prompt(args, tokenizer, bos) -> list:
     """The prompt ids: BOS + the MIDI file's ids, the given ids, or BOS alone."""
-    from ..tokenizer import midi_to_ids
+    from ..tokenizer import midi_to_ids, parse_bar_range, slice_bars
 
+    if args.prompt_bars and not args.prompt:
+        die("--prompt-bars needs a MIDI --prompt")
     if args.prompt:
         try:
             ids = midi_to_ids(args.prompt, tokenizer)
         except Exception as e:  # noqa: BLE001 - any unreadable MIDI gets the same clear message
             die(f"cannot read prompt {args.prompt}: {e}")
+        if args.prompt_bars:
+            try:
+                ids = slice_bars(ids, tokenizer, *parse_bar_range(args.prompt_bars))
+            except ValueError as e:
+                die(f"--prompt-bars: {e}")
         if args.prompt_tokens is not None:
             if args.prompt_tokens < 1:
                 die("--prompt-tokens must be >= 1")
@@ -59,7 +73,7 @@ def run(args) -> int:
     if args.num_samples < 1:
         die(f"--num-samples must be >= 1, got {args.num_samples}")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    eos_id=vocab.get("eos_id"), progress=True)
+                    eos_id=vocab.get("eos_id"), progress=True, grammar=_grammar(args, tokenizer))
     try:
         if args.num_samples == 1:
             samples = [generate(model, prompt, args.max_new_tokens, **sampling)]
@@ -71,10 +85,23 @@ def run(args) -> int:
     return 0
 
 
+def _grammar(args, tokenizer):
+    """The tokenizer's grammar for sampling, or None with ``--no-grammar``."""
+    if not args.grammar:
+        return None
+    from ..grammar import TokenGrammar
+
+    try:
+        return TokenGrammar(tokenizer)
+    except ValueError as e:
+        die(f"{e.args[0].split('; ')[0]}; rerun with --no-grammar")
+
+
 def _write(args, tokenizer, prompt, samples) -> None:
     """One MIDI file per sample (``OUT`` alone, or ``OUT_1.mid``, ``OUT_2.mid``, ...) and the ids."""
     import numpy as np
 
+    from ..grammar import grammar_error_ratio
     from ..tokenizer import ids_to_midi
 
     base = Path(args.out)
@@ -83,7 +110,8 @@ def _write(args, tokenizer, prompt, samples) -> None:
         path = base if len(samples) == 1 else base.with_name(f"{base.stem}_{i:0{width}d}{base.suffix or '.mid'}")
         out = ids_to_midi(np.asarray(res["tokens"]), tokenizer, path)
         label = "" if len(samples) == 1 else f"sample {i}: "
+        errors = grammar_error_ratio(res["tokens"], tokenizer)
         print(f"{label}prompt {len(prompt):,} tokens + {len(res['new_tokens']):,} new -> {out}"
-              + (" (stopped at EOS)" if res["stopped_at_eos"] else ""))
+              + (" (stopped at EOS)" if res["stopped_at_eos"] else "") + f"; MidiTok tokens_errors {errors:.3f}")
     if args.ids_out:
         write_json(args.ids_out, samples[0]["tokens"] if len(samples) == 1 else [r["tokens"] for r in samples])

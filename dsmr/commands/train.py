@@ -11,7 +11,7 @@ import sys
 
 from ..config import PRESETS, TrainConfig, load_settings
 from ..model import DSMRConfig
-from .common import add_config_flags, add_source_args, config_overrides, die, load_data
+from .common import add_config_flags, add_source_args, add_tokenizer_arg, config_overrides, die, load_data
 
 # Fields the command sets another way: the corpus gives vocab_size, --schedule the horizons, --out the folder.
 MODEL_SKIP = ("vocab_size", "horizons")
@@ -21,6 +21,7 @@ TRAIN_SKIP = ("out_dir",)
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model by streaming whole pieces")
     add_source_args(p)
+    add_tokenizer_arg(p)
     p.add_argument("--config", help="JSON or TOML file with [model], [train], [data] tables")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--schedule", help="e.g. two_scale:long=4096,short=512,n_long=2, full, or 64,64,8,8")
@@ -49,7 +50,9 @@ def run(args) -> int:
     except ValueError as e:
         die(str(e))
     args.source = settings.data.setdefault("source", "demo")
-    cache = load_data(args, settings.data.get("tokenizer_config"))
+    # --tokenizer, else the file's [data] tokenizer (a preset or path) or tokenizer_config, else piano.
+    tokenizer = args.tokenizer or settings.data.get("tokenizer") or settings.data.get("tokenizer_config")
+    cache = load_data(args, tokenizer)
     if not cache.pieces(settings.train.get("train_split", "train")):
         die(f"source {args.source!r} has no training pieces")
     settings.train["out_dir"] = args.out or settings.train.get("out_dir") or "runs/dsmr"

@@ -177,3 +177,79 @@ def test_generate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_every_command_has_help(cmd):
     res = subprocess.run([sys.executable, "-m", "dsmr", cmd, "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "usage: dsmr" in res.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# multitrack end to end: --tokenizer multitrack, clean skip lines, grammar, --prompt-bars
+
+
+@pytest.fixture(scope="module")
+def multi_workspace(tmp_path_factory):
+    from tests.dsmr.midi_fixtures import _multitrack_corpus
+
+    root = tmp_path_factory.mktemp("cli_multi")
+    midis = root / "songs"
+    _multitrack_corpus(midis, n=6)
+    (midis / "broken.mid").write_bytes(b"MThd not midi at all")
+    (midis / "empty.mid").write_bytes(b"")
+    return root, midis
+
+
+@pytest.fixture(scope="module")
+def multi_trained(multi_workspace):
+    root, midis = multi_workspace
+    run = root / "run"
+    code = main(["train", "--source", str(midis), "--cache-dir", str(root / "cache"), "--tokenizer", "multitrack",
+                 "--out", str(run), "--max-steps", "2", "--schedule", "two_scale:long=48,short=8,n_long=1",
+                 "--workers", "1", *TINY])
+    assert code == 0
+    return run / "last.pt"
+
+
+def test_multitrack_data_prepare_prints_one_line_per_skipped_file(multi_workspace, capsys):
+    from dsmr.tokenizer import build_tokenizer
+
+    root, midis = multi_workspace
+    cache = ["--cache-dir", str(root / "cache_prep")]
+    code, out, err = _run(["data", "prepare", str(midis), *cache, "--workers", "1", "--tokenizer", "multitrack"],
+                          capsys)
+    assert code == 0 and "skipped files: 2" in out
+    assert f"vocab size {len(build_tokenizer('multitrack'))}" in out
+    skip_lines = [ln for ln in err.splitlines() if ln.startswith("skipped ")]
+    assert sorted(ln.split(":")[0] for ln in skip_lines) == ["skipped broken.mid", "skipped empty.mid"]
+    assert "warnings.warn" not in err and "Warning" not in err  # no Python source lines or class names
+    # Asked again: the cache is reused, and its skips are listed from the index instead.
+    code, out, err = _run(["data", "stats", str(midis), *cache, "--tokenizer", "multitrack"], capsys)
+    assert code == 0 and "skipped broken.mid:" in out and "skipped" not in err
+
+
+def test_multitrack_generate_continues_bars_of_a_song(multi_workspace, multi_trained, capsys, tmp_path):
+    from dsmr.grammar import grammar_error_ratio
+    from dsmr.tokenizer import build_tokenizer
+    from tests.dsmr.midi_fixtures import MULTI_PROGRAMS
+
+    _, midis = multi_workspace
+    ids_out = tmp_path / "ids.json"
+    # No --tokenizer: the checkpoint carries it.
+    code, out, _ = _run(["generate", "--checkpoint", str(multi_trained), "--prompt", str(midis / "song_3.mid"),
+                         "--prompt-bars", "2:3", "--max-new-tokens", "150", "--seed", "0",
+                         "--out", str(tmp_path / "cont.mid"), "--ids-out", str(ids_out)], capsys)
+    assert code == 0 and "tokens_errors 0.000" in out
+    tok = build_tokenizer("multitrack")
+    ids = json.loads(ids_out.read_text())
+    assert grammar_error_ratio(ids, tok) == 0.0 and tok[ids[1]] == "Bar_None"
+    score = symusic.Score(str(tmp_path / "cont.mid"))
+    programs = {-1 if t.is_drum else t.program for t in score.tracks if len(t.notes)}
+    assert programs >= set(MULTI_PROGRAMS) | {-1}  # the prompt's instruments; drums read back as drums
+    code, out, _ = _run(["generate", "--checkpoint", str(multi_trained), "--no-grammar", "--max-new-tokens", "60",
+                         "--seed", "0", "--out", str(tmp_path / "free.mid")], capsys)
+    assert code == 0 and "tokens_errors" in out
+
+
+@pytest.mark.parametrize("bars,msg", [("90:99", "lie outside the piece"), ("3:1", "must not come before")])
+def test_generate_bad_prompt_bars_is_a_clear_error(multi_workspace, multi_trained, capsys, tmp_path, bars, msg):
+    _, midis = multi_workspace
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--checkpoint", str(multi_trained), "--prompt", str(midis / "song_0.mid"),
+              "--prompt-bars", bars, "--out", str(tmp_path / "x.mid")])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
