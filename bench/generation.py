@@ -34,6 +34,32 @@ def schedule(quick: bool):
     return sch.two_scale(MODEL["n_layers"], long, short, MODEL["n_layers"] // 2)
 
 
+def grammar_rates(model, prompt: list, n: int) -> dict:
+    """Decode tokens/s of ``n`` tokens with and without the piano grammar, back to back in one process.
+
+    Both runs exclude the prompt pass (timed from the end of the prompt's last forward); the grammar
+    is the demo tokenizer's (``build_tokenizer("piano")``, vocab 255 like the bench piece).
+    """
+    import torch
+
+    from dsmr.generate import generate
+    from dsmr.grammar import TokenGrammar
+    from dsmr.tokenizer import build_tokenizer
+
+    grammar = TokenGrammar(build_tokenizer("piano"))
+    n_prompt_calls = -(-len(prompt) // model.config.segment_len)
+    out = {}
+    for key, g in (("no_grammar", None), ("grammar", grammar)):
+        stamps: List[float] = []
+        hook = model.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+        with torch.inference_mode():
+            res = generate(model, prompt, n, temperature=1.0, seed=0, eos_id=None, stop_at_eos=False, grammar=g)
+        t_end = time.perf_counter()
+        hook.remove()
+        out[f"{key}_tokens_per_s"] = len(res["new_tokens"]) / (t_end - stamps[n_prompt_calls - 1])
+    return out
+
+
 def measure(cfg: dict) -> dict:
     """Worker: prime with the prompt, sample ``n_new`` tokens, time every token."""
     import numpy as np
@@ -66,7 +92,8 @@ def measure(cfg: dict) -> dict:
     tenth = max(1, n // 10)
     first, last = per_token[:tenth], per_token[-tenth:]
     bins = np.array_split(np.asarray(per_token), min(N_BINS, n))
-    return {
+    rates = grammar_rates(model, prompt, cfg["grammar_tokens"]) if cfg.get("grammar_tokens") else {}
+    return rates | {
         "n_new": len(out["new_tokens"]),
         "tokens_per_s": len(out["new_tokens"]) / (t_end - prompt_done),
         "prompt_s": prompt_done - t0,
@@ -96,6 +123,8 @@ def plan(quick: bool, piece: dict, piece_path: str) -> List[dict]:
             "model": MODEL,
             "vocab_size": piece["vocab_size"],
             "piece": piece_path,
+            # Grammar cost: the shortest length also samples this many tokens with and without the grammar.
+            "grammar_tokens": min(n, 2048) if n == min(lengths(quick)) and piece["vocab_size"] == 255 else 0,
         }
         for n in lengths(quick)
     ]
@@ -172,6 +201,8 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, out_dir
                 "last / first (median)": d["last10_median_ms"] / d["first10_median_ms"],
                 "p99 ms/token": d["p99_ms"],
                 "largest cache per layer (slots)": "/".join(str(c) for c in d["max_capacity"] or []),
+                "tokens/s grammar": d.get("grammar_tokens_per_s"),
+                "tokens/s no grammar (same run)": d.get("no_grammar_tokens_per_s"),
                 "process wall s": res.wall_s,
             })
         else:
@@ -179,7 +210,7 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, out_dir
         rows.append(row)
     cols = ["tokens sampled", "tokens/s", "peak MiB", "MiB at end", "MiB at end after malloc_trim", "ms/token first 10%", "ms/token last 10%",
             "last / first (mean)", "last / first (median)", "p99 ms/token", "largest cache per layer (slots)",
-            "prompt s", "load (1 min) after", "process wall s", "note"]
+            "tokens/s grammar", "tokens/s no grammar (same run)", "prompt s", "load (1 min) after", "process wall s", "note"]
     table = Table(cols, rows)
     hz = schedule(quick)
     md = [
@@ -191,6 +222,9 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, out_dir
         f"- sampling: dsmr.generate.generate, temperature 1, seed 0, never stopping at EOS; prompt = the first "
         f"{max(hz) + MODEL['segment_len']:,} tokens (longest horizon + one segment, so every cache starts at its "
         f"bound and first vs last 10% compares steady states) of {piece['source']}",
+        "- grammar columns (shortest length only): min(length, 2,048) more tokens sampled twice, back to back in "
+        "the same process, without and with `grammar=` the piano tokenizer (dsmr/grammar.py masks every token "
+        "MidiTok's tokens_errors would count); their ratio is the grammar's cost per token",
         "- per-token time = time between the ends of consecutive model forwards (sampling, feeding the "
         "token back, and the segment-boundary truncation), from a forward hook; tokens/s = tokens / decode time",
         "- first/last 10% = mean time per token over the first and the last tenth of the sampled tokens; "
