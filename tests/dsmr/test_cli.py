@@ -253,3 +253,17 @@ def test_generate_bad_prompt_bars_is_a_clear_error(multi_workspace, multi_traine
         main(["generate", "--checkpoint", str(multi_trained), "--prompt", str(midis / "song_0.mid"),
               "--prompt-bars", bars, "--out", str(tmp_path / "x.mid")])
     assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_multitrack_eval_needs_no_tokenizer_flag(multi_workspace, multi_trained, capsys):
+    from dsmr.tokenizer import build_tokenizer
+
+    root, midis = multi_workspace
+    code, out, _ = _run(["eval", "--checkpoint", str(multi_trained), "--source", str(midis),
+                         "--cache-dir", str(root / "cache"), "--split", "validation"], capsys)
+    assert code == 0 and "perplexity" in out
+    # The checkpoint's multitrack tokenizer picked the multitrack cache, not a piano one.
+    caches = [p for p in (root / "cache" / "tokens").iterdir() if not p.name.startswith(".")]
+    assert len(caches) == 1
+    vocab = json.loads((caches[0] / "index.json").read_text())["vocab_size"]
+    assert vocab == len(build_tokenizer("multitrack"))
