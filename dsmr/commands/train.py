@@ -66,6 +66,7 @@ def run(args) -> int:
           file=sys.stderr)
     summary = train(model_cfg, train_cfg, data=cache, tokenizer_config=cache.tokenizer_config, resume=args.resume)
     val = summary.get("val") or {}
-    keys = ("step", "epoch", "train_loss", "best_val_ppl", "tokens_per_s", "best_checkpoint", "last_checkpoint", "plot")
+    keys = ("step", "epoch", "train_loss", "best_val_ppl", "tokens_per_s", "lane_util", "best_checkpoint",
+            "last_checkpoint", "plot")
     print(json.dumps({k: summary.get(k) for k in keys} | {"val_ppl": val.get("ppl")}, indent=2, default=str))
     return 0
