@@ -1,9 +1,12 @@
 """Every ``dsmr`` command end to end on a tiny generated MIDI corpus (offline, a few seconds)."""
 import json
+import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("miditok")
 pytest.importorskip("symusic")
@@ -26,6 +29,32 @@ def workspace(tmp_path_factory):
     # A corrupt file in the source must be skipped and counted, not fatal.
     (midis / "broken.mid").write_bytes(b"MThd this is not midi")
     return root, midis
+
+
+def _checkpoint_and_cache(workspace, ckpt):
+    """The checkpoint's model and the token cache the CLI used, loaded here with the library."""
+    from dsmr.checkpoint import load_model
+    from dsmr.data import prepare_cache
+
+    root, midis = workspace
+    model, info = load_model(ckpt)
+    cache = prepare_cache(midis, cache_dir=root / "cache", tokenizer_config=info.get("tokenizer_config"),
+                          workers=1, progress=False)
+    return model.eval(), info, cache
+
+
+def _piece_nll(model, piece, bos, eos, start=0):
+    """Per-target NLL of ``[BOS] + piece + [EOS]`` from input ``start`` on, segments of S from
+    ``start`` with an empty state (start = 0: the whole piece; start = R: the memory wiped at R,
+    which rotary attention makes the same as starting over)."""
+    seq = torch.tensor(np.concatenate([[bos], piece, [eos]]), dtype=torch.long)
+    S, state, out = model.config.segment_len, None, []
+    with torch.no_grad():
+        for s0 in range(start, len(seq) - 1, S):
+            logits, state = model(seq[None, s0:min(s0 + S, len(seq) - 1)], state)
+            out.append(torch.nn.functional.cross_entropy(logits[0].double(), seq[s0 + 1:s0 + 1 + logits.shape[1]],
+                                                         reduction="none"))
+    return torch.cat(out)
 
 
 def _run(args, capsys):
@@ -113,7 +142,17 @@ def test_eval_prints_perplexity_and_buckets(workspace, trained, capsys, tmp_path
     assert code == 0 and "perplexity" in out
     assert all(label in out for label in ("1-1k", "1k-4k", "32k+"))
     res = json.loads(js.read_text())
-    assert res["ppl"] > 1 and res["tokens"] == sum(b["tokens"] for b in res["buckets"].values())
+    assert res["tokens"] == sum(b["tokens"] for b in res["buckets"].values())
+    # the printed perplexity is the checkpoint's, over the test pieces, computed here by brute force
+    model, info, cache = _checkpoint_and_cache(workspace, trained / "best.pt")
+    pieces = cache.pieces("test")
+    total, n = 0.0, 0
+    for piece in pieces:
+        nll = _piece_nll(model, piece, cache.bos_id, cache.eos_id)
+        total, n = total + float(nll.sum()), n + len(nll)
+    assert res["tokens"] == n == sum(len(p) + 1 for p in pieces) and res["pieces"] == len(pieces)
+    assert res["ppl"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    assert f"perplexity {math.exp(total / n):.3f}" in out
 
 
 def test_diagnose_writes_plot(workspace, trained, capsys, tmp_path):
@@ -123,7 +162,19 @@ def test_diagnose_writes_plot(workspace, trained, capsys, tmp_path):
                          "--cache-dir", str(root / "cache"), "--split", "train", "--reset-at", "64",
                          "--plot", str(png)], capsys)
     assert code == 0 and "area under the increase" in out
-    assert png.exists() and png.stat().st_size > 1000
+    # a real 840x480 figure with something drawn on it (not a blank canvas)
+    import matplotlib.image
+
+    img = matplotlib.image.imread(str(png))
+    assert img.shape[:2] == (480, 840) and float(img[..., :3].std()) > 0.05
+    # the printed area is the diagnostic's on the first train piece, recomputed here by brute force
+    model, _, cache = _checkpoint_and_cache(workspace, trained / "best.pt")
+    piece = cache.pieces("train")[0]
+    S = model.config.segment_len
+    normal = _piece_nll(model, piece, cache.bos_id, cache.eos_id)
+    wiped = _piece_nll(model, piece, cache.bos_id, cache.eos_id, start=64 // S * S)
+    auc = float((wiped - normal[64 // S * S:]).sum())
+    assert f"area under the increase {auc:.2f} " in out
 
 
 def test_diagnose_over_several_pieces(workspace, trained, capsys, tmp_path):
@@ -173,10 +224,19 @@ def test_generate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "nope.pt" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cmd", ["data", "schedules", "train", "eval", "diagnose", "generate"])
-def test_every_command_has_help(cmd):
+@pytest.mark.parametrize("cmd,options", [
+    ("data", ["prepare", "stats", "list"]),
+    ("schedules", ["--n-layers", "--piece-len"]),
+    ("train", ["--source", "--tokenizer", "--max-steps", "--schedule", "--resume", "--out"]),
+    ("eval", ["--checkpoint", "--split", "--json"]),
+    ("diagnose", ["--checkpoint", "--reset-at", "--pieces", "--plot"]),
+    ("generate", ["--checkpoint", "--prompt", "--max-new-tokens", "--num-samples", "--seed", "--no-grammar"]),
+])
+def test_every_command_has_help(cmd, options):
     res = subprocess.run([sys.executable, "-m", "dsmr", cmd, "--help"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and "usage: dsmr" in res.stdout
+    assert res.returncode == 0 and res.stdout.startswith(f"usage: dsmr {cmd}")
+    missing = [o for o in options if o not in res.stdout]
+    assert not missing, f"`dsmr {cmd} --help` does not list {missing}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
 """DSMRModel streaming parity, config round trip and input errors; schedules."""
+import copy
+
 import pytest
 import torch
 
@@ -206,31 +208,46 @@ def test_budget_caps_horizons_at_piece_length():
 
 def test_bf16_autocast_gradients_through_the_tiled_path(monkeypatch):
     """End to end under bf16 autocast (3 segments, memory carried, GQA, a finite and a full horizon):
-    parameter gradients via the tiled bf16 attention are as close to fp32 as via ATen's bf16 kernel."""
+    parameter gradients via the tiled bf16 attention, with its default tiles and with 16 x 16 tiles
+    (many online-softmax rescales per row), obey the op's rule at model level: their error against
+    a float64 golden is at most 3x that of the same model on the readable reference op in bf16.
+    The attention projections get a unit-gain init so the scores spread and the rescale matters."""
     from dsmr_kernels import torch_backend as tb
+    from dsmr_kernels.torch_tiled import TileConfig
 
     torch.manual_seed(0)
-    cfg = DSMRConfig(vocab_size=31, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, segment_len=32,
-                     horizons=[40, None])
-    model = DSMRModel(cfg)
+    kw = dict(vocab_size=31, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, segment_len=32, horizons=[40, None])
+    model = DSMRModel(DSMRConfig(**kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                p.normal_(0.0, p.shape[1] ** -0.5)
+    ref_model = DSMRModel(DSMRConfig(**kw, backend="reference"))
+    ref_model.load_state_dict(model.state_dict())
+    golden_model = copy.deepcopy(ref_model).double()
     tokens = torch.randint(0, 31, (2, 97))
 
-    def grads(autocast):
-        model.zero_grad()
+    def grads(m, autocast):
+        m.zero_grad()
         state, loss = None, 0.0
         for s0 in range(0, 96, 32):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                logits, state = model(tokens[:, s0:s0 + 32], state)
+                logits, state = m(tokens[:, s0:s0 + 32], state)
             loss = loss + torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, s0 + 1:s0 + 33].flatten())
         loss.backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters()])
+        return torch.cat([p.grad.flatten().double() for p in m.parameters()])
 
-    g32 = grads(False)
-    g_tiled = grads(True)
+    g64 = grads(golden_model, False)
+    err = lambda g: float((g - g64).norm() / g64.norm())  # noqa: E731
+    ref_err = err(grads(ref_model, True))
+    assert err(grads(model, False)) < 1e-5  # fp32 is near exact: the golden is the right one
+    g_tiled = grads(model, True)
+    monkeypatch.setattr(tb, "BF16_TILES", TileConfig(rows=16, cols=16))
+    g_small = grads(model, True)
     monkeypatch.setattr(tb, "BF16_TILES", None)
-    g_aten = grads(True)
-    err = lambda g: float((g - g32).norm() / g32.norm())  # noqa: E731
-    assert err(g_tiled) < 0.05
+    g_aten = grads(model, True)
+    for name, g in (("default tiles", g_tiled), ("16x16 tiles", g_small), ("ATen bf16", g_aten)):
+        assert err(g) <= 3 * ref_err + 1e-4, f"{name}: error {err(g):.3e} > 3 x reference bf16 error {ref_err:.3e}"
     assert err(g_tiled) <= 1.5 * err(g_aten) + 1e-3
 
 

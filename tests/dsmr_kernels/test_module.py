@@ -89,13 +89,30 @@ def test_lane_reset_equals_fresh_state():
 
 
 def test_state_is_detached_and_gradients_flow_to_params():
-    attn = DSMRAttention(16, 2, horizon=None, backend="torch")
-    x = torch.randn(1, 10, 16)
+    attn = DSMRAttention(16, 2, horizon=None, backend="torch").double()
+    x = torch.randn(1, 10, 16, dtype=torch.float64)
     y, state = attn(x[:, :5])
     assert not state.mem_k.requires_grad and not state.mem_v.requires_grad
     y2, _ = attn(x[:, 5:], state)
     (y.sum() + y2.sum()).backward()
-    assert attn.qkv.weight.grad is not None and attn.qkv.weight.grad.abs().sum() > 0
+    # The gradient is the derivative with the memory held fixed: a central difference along a
+    # random direction of the weights, the second segment re-run from the *same* state, matches it;
+    # letting the memory follow the weights gives another derivative (what a non-detached state has).
+    w, u, eps = attn.qkv.weight, torch.randn_like(attn.qkv.weight), 1e-6
+
+    def loss(delta, memory_follows):
+        with torch.no_grad():
+            w.add_(delta)
+            y1, st = attn(x[:, :5])
+            out = float(y1.sum() + attn(x[:, 5:], st if memory_follows else state)[0].sum())
+            w.sub_(delta)
+        return out
+
+    directional = float((w.grad * u).sum())
+    fixed = (loss(eps * u, False) - loss(-eps * u, False)) / (2 * eps)
+    follows = (loss(eps * u, True) - loss(-eps * u, True)) / (2 * eps)
+    assert directional == pytest.approx(fixed, rel=1e-6)
+    assert abs(follows - fixed) > 1e-3 * abs(fixed)
 
 
 def test_memory_does_not_alias_segment_activations():
@@ -182,13 +199,21 @@ def test_branching_from_one_state_never_corrupts_the_other_branch():
 def test_grad_forward_then_no_grad_forward_from_the_same_state_keeps_backward_valid():
     torch.manual_seed(2)
     attn = DSMRAttention(32, 4, 2, horizon=None, backend="torch")
+    x0, x1, x2 = torch.randn(1, 6, 32), torch.randn(1, 4, 32), torch.randn(1, 4, 32)
     with torch.no_grad():
-        _, s0 = _decode(attn, torch.randn(1, 6, 32), attn.init_state(1))
-    y, _ = attn(torch.randn(1, 4, 32), s0)  # grad mode: reads s0's buffer views, saves them
+        _, s0 = _decode(attn, x0, attn.init_state(1))
+    y, _ = attn(x1, s0)  # grad mode: reads s0's buffer views, saves them
     with torch.no_grad():
-        attn(torch.randn(1, 4, 32), s0)  # must not write into s0's buffer now
+        attn(x2, s0)  # must not write into s0's buffer now
     y.sum().backward()  # would raise "modified by an inplace operation" otherwise
-    assert attn.qkv.weight.grad is not None
+    # and the gradient is the one of a run without the no-grad forward in between
+    got = attn.qkv.weight.grad.clone()
+    attn.zero_grad()
+    with torch.no_grad():
+        _, s0 = _decode(attn, x0, attn.init_state(1))
+    y_clean, _ = attn(x1, s0)
+    y_clean.sum().backward()
+    assert torch.equal(y, y_clean) and torch.equal(got, attn.qkv.weight.grad)
 
 
 def test_compact_and_model_state_to_dict_drop_the_spare_buffer():
@@ -230,14 +255,23 @@ def test_state_to_same_device_keeps_the_buffer_fence():
     from it must keep a later no-grad forward from the original state from writing into it."""
     torch.manual_seed(4)
     attn = DSMRAttention(32, 4, 2, horizon=None, backend="torch")
+    x0, x1, x2 = torch.randn(1, 6, 32), torch.randn(1, 4, 32), torch.randn(1, 4, 32)
     with torch.no_grad():
-        _, s = _decode(attn, torch.randn(1, 6, 32), attn.init_state(1))
+        _, s = _decode(attn, x0, attn.init_state(1))
     t = s.to("cpu")
     assert t.mem_k is s.mem_k and t._buf is not None
-    y, _ = attn(torch.randn(1, 4, 32), t)
+    y, _ = attn(x1, t)
     with torch.no_grad():
-        attn(torch.randn(1, 4, 32), s)
+        attn(x2, s)
     y.sum().backward()
+    # the same gradient as a run where nothing else touched the buffer
+    got = attn.qkv.weight.grad.clone()
+    attn.zero_grad()
+    with torch.no_grad():
+        _, s = _decode(attn, x0, attn.init_state(1))
+    y_clean, _ = attn(x1, s.to("cpu"))
+    y_clean.sum().backward()
+    assert torch.equal(y, y_clean) and torch.equal(got, attn.qkv.weight.grad)
 
 
 def test_reset_with_no_lanes_changes_nothing():
