@@ -233,6 +233,9 @@ def test_corrupt_empty_and_noteless_files_are_skipped_and_counted(tmp_path):
     skip_msgs = [str(w.message) for w in caught if issubclass(w.category, MidiSkipWarning)]
     for name in bad:
         assert any(name in m for m in skip_msgs), (name, skip_msgs)
+    # The warnings carry name and reason apart, for the CLI's "skipped NAME: reason" lines.
+    skips = [w.message for w in caught if issubclass(w.category, MidiSkipWarning)]
+    assert {m.name: m.reason.split(" (")[0] for m in skips} == bad
     assert len(cache) == len(good)
     assert {s["name"]: s["reason"].split(" (")[0] for s in cache.skipped} == bad
     assert cache.stats()["skipped"] == 4
