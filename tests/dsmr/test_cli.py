@@ -327,3 +327,20 @@ def test_multitrack_eval_needs_no_tokenizer_flag(multi_workspace, multi_trained,
     assert len(caches) == 1
     vocab = json.loads((caches[0] / "index.json").read_text())["vocab_size"]
     assert vocab == len(build_tokenizer("multitrack"))
+
+
+def test_config_file_names_the_tokenizer(multi_workspace, tmp_path, capsys):
+    from dsmr.checkpoint import load_model
+    from dsmr.tokenizer import build_tokenizer, is_multitrack
+
+    _, midis = multi_workspace
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\nn_layers = 1\nd_model = 16\nn_heads = 2\nsegment_len = 16\nschedule = "uniform:m=16"\n'
+                   "[train]\nmax_steps = 1\nbatch_lanes = 2\neval_every = 0\nwarmup_steps = 1\n"
+                   f'[data]\nsource = "{midis}"\ntokenizer = "multitrack"\n')
+    code, _, _ = _run(["train", "--config", str(cfg), "--cache-dir", str(tmp_path / "cache"), "--out",
+                       str(tmp_path / "r"), "--workers", "1"], capsys)
+    assert code == 0
+    _, info = load_model(tmp_path / "r" / "last.pt")
+    assert is_multitrack(build_tokenizer(info["tokenizer_config"]))
+    assert info["vocab"]["vocab_size"] == len(build_tokenizer("multitrack"))
