@@ -78,13 +78,17 @@ def segment_memory_attention_ref(
     scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc_dtype) * scale  # (B, H, S, M+S)
     vis = visibility_mask(S, M, mem_len if M > 0 else None, window, q.device)
     scores = scores.masked_fill(~vis, float("-inf"))
-    if M > 0 and mem_len is not None:
-        # Invalid slots may hold stale inf/NaN; their probability is 0 but 0 * NaN is NaN.
-        invalid = torch.arange(M + S, device=q.device)[None, :] < (M - mem_len.to(q.device).long())[:, None]
-        vals = vals.masked_fill(invalid[:, None, :, None], 0)
+    # Non-finite input: an output row is non-finite (NaN) iff its query, or a key or value row it
+    # sees, has a NaN or inf entry. Zeroing non-finite value rows keeps 0 * NaN out of rows that
+    # cannot see them (stale inf/NaN in invalid memory slots, future segment keys, out-of-window keys).
+    kv_bad = ~(torch.isfinite(keys).all(-1) & torch.isfinite(vals).all(-1))  # (B, H, M+S)
+    row_bad = ~torch.isfinite(q).all(-1) | (vis & kv_bad[:, :, None, :]).any(-1)  # (B, H, S)
+    vals = vals.masked_fill(kv_bad[..., None], 0)
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     probs = torch.exp(scores - lse[..., None])
     out = torch.matmul(probs.to(q.dtype), vals)  # (B, H, S, D)
+    out = out.masked_fill(row_bad[..., None], float("nan"))
+    lse = lse.masked_fill(row_bad, float("nan"))
     if return_lse:
         return out, lse
     return out

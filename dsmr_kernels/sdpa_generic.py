@@ -18,8 +18,15 @@ from .cpu_flash import acc_dtype, visible_lens
 _NEG_INF = float("-inf")
 
 
+#: Devices whose SDPA is known to take ``enable_gqa``; elsewhere (MPS, XPU, ...) the kv heads are
+#: repeated, which every device supports.
+GQA_DEVICES = ("cpu", "cuda")
+
+
 def _sdpa(q, keys, vals, mask, scale, G):
-    if G > 1:
+    if G > 1 and q.device.type not in GQA_DEVICES:
+        keys, vals = keys.repeat_interleave(G, dim=1), vals.repeat_interleave(G, dim=1)
+    elif G > 1:
         try:
             return F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=True)
         except TypeError:  # torch < 2.5: no enable_gqa

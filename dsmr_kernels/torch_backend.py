@@ -21,10 +21,11 @@ from typing import Optional
 import torch
 
 from ._validate import OpDims
-from .cpu_flash import make_plan
+from .cpu_flash import make_plan, visible_lens
 from .cpu_paths import Route, run_route
 from .cpu_tiled import TileConfig
 from .mask_cache import MASK_CACHE, MaskCache, mask_cache_nbytes  # noqa: F401 - re-exported
+from .nonfinite import inputs_finite, with_nonfinite_rows
 from .sdpa_generic import generic_forward
 
 _MaskCache = MaskCache  # the names the tests and older callers know
@@ -49,6 +50,15 @@ def cpu_route(dtype: torch.dtype, dims: OpDims) -> Route:
     return Route("flash", "flash")
 
 
+def device_path(device: torch.device) -> str:
+    """``"cpu"`` for CPU tensors (the CPU routes), ``"generic"`` for any other device.
+
+    CUDA reaches this only without Triton (``backend="auto"`` takes Triton there); MPS, XPU and
+    the rest have no fused kernel of ours, and the generic path uses public PyTorch APIs only.
+    """
+    return "cpu" if torch.device(device).type == "cpu" else "generic"
+
+
 def torch_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,17 +70,35 @@ def torch_forward(
     window: Optional[int],
     dims: OpDims,
     need_lse: bool = True,
+    path: Optional[str] = None,
 ):
     """Returns ``(out (B, H, S, D) in q.dtype, lse (B, H, S) fp32)``; differentiable in q, k, v.
 
     q: (B, H, S, D); k, v: (B, Hkv, S, D); mem_k, mem_v: (B, Hkv, M, D) or None; mem_len: (B,)
     or None. ``lse`` is fp64 for fp64 input. ``need_lse=False`` lets the generic (non-CPU) path
     skip the LSE, which it must compute separately (None is returned then); the CPU paths get it
-    for free.
+    for free. ``path`` overrides the choice (for benchmarks and tests): ``"generic"`` on any
+    device, or a CPU route (``"flash"``, ``"tiled"``, ``"upcast"``) for CPU tensors. Non-finite
+    inputs propagate by the reference's rule (:mod:`.nonfinite`).
     """
-    if q.device.type != "cpu":
-        return generic_forward(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse)
     if mem_k is not None and dims.M == 0:
         mem_k = mem_v = None
-    plan = make_plan(dims, mem_len, scale, window)
-    return run_route(q, k, v, mem_k, mem_v, plan, cpu_route(q.dtype, dims))
+    where = device_path(q.device) if path is None else ("generic" if path == "generic" else "cpu")
+    if where == "generic":
+        lens = visible_lens(dims.B, dims.M, mem_len, window) if mem_k is not None else []
+
+        def run(q, k, v, mem_k, mem_v):
+            return generic_forward(q, k, v, mem_k, mem_v, mem_len, scale, window, dims, need_lse)
+    else:
+        if q.device.type != "cpu":
+            raise ValueError(f"path={path!r} is a CPU path; tensors on {q.device.type} take path='generic'")
+        plan = make_plan(dims, mem_len, scale, window)
+        route = cpu_route(q.dtype, dims) if path is None else Route(path, path, BF16_TILES)
+        lens = plan.lens
+
+        def run(q, k, v, mem_k, mem_v):
+            return run_route(q, k, v, mem_k, mem_v, plan, route)
+
+    if inputs_finite(q, k, v, mem_k, mem_v, lens, dims.M):
+        return run(q, k, v, mem_k, mem_v)
+    return with_nonfinite_rows(run, q, k, v, mem_k, mem_v, lens, dims.M, window)

@@ -15,7 +15,7 @@ def to(t, dtype):
 def generic(q, k, v, mem_k, mem_v, mem_len, *, window=None, return_lse=False):
     """The generic (non-CPU) path, called directly on CPU tensors."""
     dims = validate_inputs(q, k, v, mem_k, mem_v, mem_len, window)
-    out, lse = tb.generic_forward(q, k, v, mem_k, mem_v, mem_len, dims.D ** -0.5, window, dims)
+    out, lse = tb.torch_forward(q, k, v, mem_k, mem_v, mem_len, dims.D ** -0.5, window, dims, path="generic")
     return (out, lse) if return_lse else out
 
 

@@ -84,3 +84,41 @@ def test_garbage_in_invalid_slots_reaches_neither_output_nor_grads(path, window,
     for name, a, c in zip(["out", "dq", "dk", "dv"], clean, dirty):
         assert torch.isfinite(c).all(), name
         assert torch.equal(a, c), name
+
+
+# ------------------------------------------------------------------------------------------
+# Devices: CPU tensors take the CPU routes, every other device the generic (public SDPA) path
+# ------------------------------------------------------------------------------------------
+def test_auto_on_mps_and_other_devices_takes_the_generic_path():
+    """``backend="auto"`` on MPS resolves to ``torch``, which sends non-CPU tensors to public SDPA."""
+    from dsmr_kernels.interface import resolve_backend
+
+    for dev in ("mps", "xpu", "cuda"):
+        assert tb.device_path(torch.device(dev)) == "generic"
+    assert resolve_backend("auto", torch.device("mps")) == "torch"
+    assert tb.device_path(torch.device("cpu")) == "cpu"
+
+
+def test_generic_path_without_enable_gqa_matches_reference(monkeypatch):
+    """On devices not known to take ``enable_gqa`` (MPS, ...) the kv heads are repeated instead."""
+    from dsmr_kernels import sdpa_generic
+
+    from .cpu_helpers import check_against_golden
+
+    seen = []
+    real = sdpa_generic.F.scaled_dot_product_attention
+    monkeypatch.setattr(sdpa_generic, "GQA_DEVICES", ())
+    monkeypatch.setattr(sdpa_generic.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: seen.append(sorted(kw)) or real(*a, **kw))
+    check_against_golden(generic, torch.float32, 3, 4, 2, 9, 20, 16, 6, mem_len=[20, 3, 11])
+    assert seen and all("enable_gqa" not in kw for kw in seen)
+
+
+def test_cpu_path_names_need_cpu_tensors():
+    from dsmr_kernels._validate import validate_inputs
+
+    q, k, v, mk, mv, ml = make_inputs(1, 2, 1, 3, 0, 4, torch.float32, requires_grad=False)
+    dims = validate_inputs(q, k, v, None, None, None, None)
+    meta = [t.to("meta") for t in (q, k, v)]
+    with pytest.raises(ValueError, match="CPU path"):
+        tb.torch_forward(*meta, None, None, None, 0.5, None, dims, path="flash")
