@@ -16,11 +16,12 @@ not differentiable: :class:`CpuAttention` is the autograd Function, saving q, k,
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .cpu_dispatch import calibrate, calibration_key
 from .cpu_flash import CpuPlan, flash_backward, flash_forward
 from .cpu_tiled import TileConfig, tiled_backward, tiled_forward
 from .mask_cache import MASK_CACHE
@@ -31,16 +32,23 @@ _HALF = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class Route:
-    """The path of each direction; ``tiles`` configures the ``"tiled"`` path."""
+    """The path of each direction; ``tiles`` configures the ``"tiled"`` path.
 
-    fwd: str
-    bwd: str
+    ``fwd`` / ``bwd`` are a path name or a tuple of candidates, which the first call of its kind
+    calibrates (:func:`.cpu_dispatch.calibrate`); both are stored as tuples.
+    """
+
+    fwd: Union[str, Tuple[str, ...]]
+    bwd: Union[str, Tuple[str, ...]]
     tiles: Optional[TileConfig] = None
 
     def __post_init__(self):
-        for name in (self.fwd, self.bwd):
-            if name not in PATHS:
-                raise ValueError(f"CPU path must be one of {PATHS}, got {name!r}")
+        for field in ("fwd", "bwd"):
+            names = getattr(self, field)
+            names = (names,) if isinstance(names, str) else tuple(names)
+            if not names or any(n not in PATHS for n in names):
+                raise ValueError(f"CPU path must be one of {PATHS}, got {getattr(self, field)!r}")
+            object.__setattr__(self, field, names)
 
 
 def _visible_fp32(mem: Optional[torch.Tensor], plan: CpuPlan) -> Optional[torch.Tensor]:
@@ -75,12 +83,22 @@ def path_backward(path: str, g, q, k, v, mem_k, mem_v, out, lse, plan: CpuPlan, 
     return flash_backward(g, q, k, v, mem_k, mem_v, out, lse, plan, need_q, need_kv)
 
 
+def _backward(ctx, grad_out, q, k, v, mem_k, mem_v, out, lse, need_q, need_kv):
+    route, plan = ctx.route, ctx.plan
+
+    def run(path):
+        return path_backward(path, grad_out, q, k, v, mem_k, mem_v, out, lse, plan, need_q, need_kv, route.tiles)
+
+    path, grads = calibrate(calibration_key("bwd", q.dtype, plan.S), route.bwd, run)
+    return grads if grads is not None else run(path)
+
+
 class CpuAttention(torch.autograd.Function):
     """Autograd wrapper: forward by ``route.fwd``, backward by ``route.bwd``; LSE non-differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, mem_k, mem_v, plan, route):
-        out, lse = path_forward(route.fwd, q, k, v, mem_k, mem_v, plan, route.tiles)
+        out, lse = path_forward(route.fwd[0], q, k, v, mem_k, mem_v, plan, route.tiles)
         ctx.save_for_backward(q, k, v, mem_k, mem_v, out, lse)
         ctx.plan, ctx.route = plan, route
         ctx.mark_non_differentiable(lse)
@@ -92,8 +110,7 @@ class CpuAttention(torch.autograd.Function):
         q, k, v, mem_k, mem_v, out, lse = ctx.saved_tensors
         need_q = ctx.needs_input_grad[0]
         need_kv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = path_backward(ctx.route.bwd, grad_out, q, k, v, mem_k, mem_v, out, lse, ctx.plan,
-                                   need_q, need_kv, ctx.route.tiles)
+        dq, dk, dv = _backward(ctx, grad_out, q, k, v, mem_k, mem_v, out, lse, need_q, need_kv)
         dk = dk if ctx.needs_input_grad[1] else None
         dv = dv if ctx.needs_input_grad[2] else None
         return dq, dk, dv, None, None, None, None
@@ -102,14 +119,24 @@ class CpuAttention(torch.autograd.Function):
 def run_route(q, k, v, mem_k, mem_v, plan: CpuPlan, route: Route):
     """``(out, lse)`` of one CPU call along ``route``; differentiable in q, k, v when they require grad.
 
-    A route that is ``"upcast"`` both ways runs the whole op in fp32 under autograd (``.float()``
-    is differentiable), so output and gradients are exactly the fp32 results rounded once.
+    Several forward candidates: the first call of this kind times them (and, without autograd,
+    returns the winner's result). A route that is ``"upcast"`` both ways runs the whole op in fp32
+    under autograd (``.float()`` is differentiable), so output and gradients are exactly the fp32
+    results rounded once.
     """
-    if route.fwd == route.bwd == "upcast" and q.dtype in _HALF:
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if len(route.fwd) > 1:
+        with torch.no_grad():
+            path, res = calibrate(calibration_key("fwd", q.dtype, plan.S), route.fwd,
+                                  lambda p: path_forward(p, q, k, v, mem_k, mem_v, plan, route.tiles))
+        if res is not None and not needs_grad:
+            return res
+        route = replace(route, fwd=path)
+    if route.fwd == route.bwd == ("upcast",) and q.dtype in _HALF:
         mem_k, mem_v = _visible_fp32(mem_k, plan), _visible_fp32(mem_v, plan)
         flash = Route("flash", "flash", route.tiles)
         out, lse = run_route(q.float(), k.float(), v.float(), mem_k, mem_v, replace(plan, M=plan.max_len), flash)
         return out.to(q.dtype), lse
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if needs_grad:
         return CpuAttention.apply(q, k, v, mem_k, mem_v, plan, route)
-    return path_forward(route.fwd, q, k, v, mem_k, mem_v, plan, route.tiles)
+    return path_forward(route.fwd[0], q, k, v, mem_k, mem_v, plan, route.tiles)

@@ -11,8 +11,14 @@ path           algorithm                                                  module
 ``generic``    public ``F.scaled_dot_product_attention`` (non-CPU)        :mod:`.sdpa_generic`
 =============  =========================================================  ==========================
 
-Tensors that are not on the CPU take ``generic``. CPU calls take a :class:`~.cpu_paths.Route`
-(a forward and a backward path) from :func:`cpu_route`, run by :func:`~.cpu_paths.run_route`.
+The decision, top to bottom:
+
+1. tensors not on the CPU (MPS, CUDA without Triton, ...)  -> ``generic``;
+2. CPU: :func:`cpu_route` -> the decision table of :mod:`.cpu_dispatch` (dtype, shape class,
+   what this CPU accelerates; an override by ``path=`` or ``$DSMR_CPU_PATH``) -> a
+   :class:`~.cpu_paths.Route` (forward and backward path, or candidates to calibrate), run by
+   :func:`~.cpu_paths.run_route`;
+3. either way, non-finite inputs go through :func:`.nonfinite.with_nonfinite_rows`.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from typing import Optional
 import torch
 
 from ._validate import OpDims
+from .cpu_dispatch import choose, describe_cpu  # noqa: F401 - describe_cpu re-exported
 from .cpu_flash import make_plan, visible_lens
 from .cpu_paths import Route, run_route
 from .cpu_tiled import TileConfig
@@ -31,23 +38,20 @@ from .sdpa_generic import generic_forward
 _MaskCache = MaskCache  # the names the tests and older callers know
 _MASK_CACHE = MASK_CACHE
 
-#: Tile sizes of the ``tiled`` path; ``None`` takes it out of the table (bf16 then runs ``flash``).
-#: The tiled path is 1.1-2x faster in bf16 on CPUs without AMX (bench/results/op.md).
+#: Tile sizes of the ``tiled`` path; ``None`` takes it out of the table (``flash`` stands in).
 BF16_TILES: Optional[TileConfig] = TileConfig()
 
-#: fp16 on the CPU: compute in fp32 and round the output (and gradients) back to fp16. Without
-#: AMX-FP16, CPU fp16 GEMMs are emulated: ATen's fp16 kernel ran 2x (forward) and 6x (forward +
-#: backward) slower than its fp32 kernel at S=512, M=4096. Off where the CPU has AMX-FP16.
-FP16_UPCAST: bool = not (hasattr(torch.cpu, "_is_amx_fp16_supported") and torch.cpu._is_amx_fp16_supported())
 
+def cpu_route(dtype: torch.dtype, dims: OpDims, override: Optional[str] = None) -> Route:
+    """The route of a CPU call: the decision table's candidates (:func:`.cpu_dispatch.choose`).
 
-def cpu_route(dtype: torch.dtype, dims: OpDims) -> Route:
-    """The decision table: which path runs forward and backward of a CPU call in ``dtype``."""
-    if dtype == torch.bfloat16 and BF16_TILES is not None:
-        return Route("tiled", "tiled", BF16_TILES)
-    if dtype == torch.float16 and FP16_UPCAST:
-        return Route("upcast", "upcast")
-    return Route("flash", "flash")
+    ``override``: a path (``"tiled"``) or ``"fwd=PATH,bwd=PATH"``; else ``$DSMR_CPU_PATH``; else the
+    table for this CPU's features, dtype and shape class.
+    """
+    fwd, bwd = choose(dtype, dims.S, override=override)
+    if BF16_TILES is None:
+        fwd, bwd = (tuple(dict.fromkeys("flash" if p == "tiled" else p for p in c)) for c in (fwd, bwd))
+    return Route(fwd, bwd, BF16_TILES)
 
 
 def device_path(device: torch.device) -> str:
@@ -93,7 +97,7 @@ def torch_forward(
         if q.device.type != "cpu":
             raise ValueError(f"path={path!r} is a CPU path; tensors on {q.device.type} take path='generic'")
         plan = make_plan(dims, mem_len, scale, window)
-        route = cpu_route(q.dtype, dims) if path is None else Route(path, path, BF16_TILES)
+        route = cpu_route(q.dtype, dims, override=path)
         lens = plan.lens
 
         def run(q, k, v, mem_k, mem_v):

@@ -20,10 +20,15 @@ def _run(path, monkeypatch):
 
 
 def test_tiled_bf16_path_is_the_default_and_can_be_turned_off(monkeypatch):
+    """On an AVX512-BF16 CPU without AMX (the table's "bf16" class) bf16 segments take the tiled path."""
+    from dsmr_kernels import cpu_dispatch
+
+    monkeypatch.setattr(cpu_dispatch, "detect_features", lambda: cpu_dispatch.CpuFeatures(avx512_bf16=True))
+    monkeypatch.delenv("DSMR_CPU_PATH", raising=False)
     calls = []
     real = cpu_paths.tiled_forward
     monkeypatch.setattr(cpu_paths, "tiled_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    q, k, v, mk, mv, ml = make_inputs(2, 4, 2, 9, 6, 16, torch.bfloat16, requires_grad=False)
+    q, k, v, mk, mv, ml = make_inputs(2, 4, 2, 17, 6, 16, torch.bfloat16, requires_grad=False)
     a = torch_op(q, k, v, mk, mv, ml)
     assert len(calls) == 1
     torch_op(q.float(), k.float(), v.float(), mk.float(), mv.float(), ml)

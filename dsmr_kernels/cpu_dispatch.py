@@ -1,0 +1,247 @@
+"""Which CPU path runs a call: what this CPU accelerates, one decision table, a short calibration.
+
+The CPU paths (:mod:`.cpu_paths`) differ in how they use the CPU's matrix units:
+
+* ``flash`` -- ATen's fused kernel: many small per-tile GEMMs. On AMX those run on AMX tiles
+  (measured on a Xeon: bf16 forward 8-9 ms against 22-25 ms for ``tiled``); without AMX its
+  bf16 GEMMs gain only ~1.3x over fp32 (bench/results/op.md, AMD EPYC).
+* ``tiled`` -- one large batched bf16 GEMM per 256 x 512 tile: 2-3x over fp32 on AVX512-BF16
+  without AMX, where it made bf16 1.5x (forward) and 1.95x (forward + backward) faster than fp32.
+* ``upcast`` -- ``flash`` in fp32: right where the CPU has no bf16 / fp16 arithmetic (AVX2-only
+  laptops), whose half-precision GEMMs are emulated (fp16 ran 2-6x slower than fp32).
+
+``DECISION_TABLE`` maps (dtype, shape class, CPU class) to the candidates of each direction.
+One candidate: the hardware settles it. Several: the first call of that kind times each
+candidate on its own inputs (twice each, best kept) and caches the winner per (dtype, shape
+class, direction, thread count); ``DSMR_CPU_CALIBRATE=0`` turns that off (the first candidate
+is then used). ``DSMR_CPU_PATH`` (or ``torch_forward(path=...)``) overrides everything, for
+benchmarks: ``flash``, ``tiled``, ``upcast`` or ``fwd=tiled,bwd=flash``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+ENV_PATH = "DSMR_CPU_PATH"
+ENV_CALIBRATE = "DSMR_CPU_CALIBRATE"
+CPU_PATHS = ("flash", "tiled", "upcast")
+
+#: Queries per call up to which a call is "decode" (token-by-token generation, short prompts):
+#: the tiled path's ~20 host-side ops per tile would cost more than the attention itself.
+DECODE_MAX_QUERIES = 16
+
+
+# --------------------------------------------------------------------------------------------
+# What this CPU accelerates
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The CPU's vector / matrix extensions that decide the paths."""
+
+    capability: str = "DEFAULT"  # torch.backends.cpu.get_cpu_capability(): ATen's vector ISA
+    avx2: bool = False
+    avx512: bool = False
+    avx512_bf16: bool = False
+    amx_bf16: bool = False
+    amx_fp16: bool = False
+    arm_bf16: bool = False  # aarch64 BF16 (BFMMLA) instructions
+
+    @property
+    def cpu_class(self) -> str:
+        """``"amx"``, ``"bf16"`` (bf16 vector dot products, no AMX) or ``"no_bf16"``."""
+        if self.amx_bf16:
+            return "amx"
+        return "bf16" if self.avx512_bf16 or self.arm_bf16 else "no_bf16"
+
+    @property
+    def flags(self) -> str:
+        names = ["avx2", "avx512", "avx512_bf16", "amx_bf16", "amx_fp16", "arm_bf16"]
+        return ", ".join(n for n in names if getattr(self, n)) or "none of avx2/avx512/amx"
+
+
+def _cpuinfo_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _torch_says(name: str) -> bool:
+    fn = getattr(torch.cpu, name, None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except Exception:  # noqa: BLE001 - a probe that fails means "not known to be there"
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def detect_features() -> CpuFeatures:
+    """This machine's features: /proc/cpuinfo flags, or torch's own cpuinfo probes elsewhere."""
+    flags = _cpuinfo_flags()
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    return CpuFeatures(
+        capability=torch.backends.cpu.get_cpu_capability(),
+        avx2="avx2" in flags or _torch_says("_is_avx2_supported"),
+        avx512="avx512f" in flags or _torch_says("_is_avx512_supported"),
+        avx512_bf16="avx512_bf16" in flags or _torch_says("_is_avx512_bf16_supported"),
+        amx_bf16="amx_bf16" in flags or _torch_says("_is_amx_tile_supported"),
+        amx_fp16="amx_fp16" in flags or _torch_says("_is_amx_fp16_supported"),
+        arm_bf16=arm and "bf16" in flags,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The decision table
+# --------------------------------------------------------------------------------------------
+Candidates = Tuple[str, ...]
+
+#: (dtype, shape class, CPU class) -> (forward candidates, backward candidates); "*" matches any.
+#: fp32 / fp64 take ``flash`` everywhere (ATen's fp32 kernel reached 60-66% of the fp32 matmul
+#: ceiling). fp16: AMX-FP16 is the only CPU feature that makes fp16 GEMMs fast ("amx_fp16" below
+#: is looked up in place of the CPU class for fp16).
+DECISION_TABLE: Dict[Tuple[str, str, str], Tuple[Candidates, Candidates]] = {
+    # dtype    shape      CPU class       forward                      backward
+    ("bf16", "segment", "amx"): (("flash", "upcast"), ("flash", "tiled", "upcast")),
+    ("bf16", "segment", "bf16"): (("tiled",), ("tiled",)),
+    ("bf16", "segment", "no_bf16"): (("upcast",), ("upcast",)),
+    ("bf16", "decode", "amx"): (("flash",), ("flash",)),
+    ("bf16", "decode", "bf16"): (("flash",), ("flash",)),
+    ("bf16", "decode", "no_bf16"): (("upcast",), ("upcast",)),
+    ("fp16", "*", "amx_fp16"): (("flash",), ("flash",)),
+    ("fp16", "*", "no_fp16"): (("upcast",), ("upcast",)),
+    ("fp32", "*", "*"): (("flash",), ("flash",)),
+    ("fp64", "*", "*"): (("flash",), ("flash",)),
+}
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def shape_class(S: int) -> str:
+    """``"decode"`` for calls of at most :data:`DECODE_MAX_QUERIES` queries, else ``"segment"``."""
+    return "decode" if S <= DECODE_MAX_QUERIES else "segment"
+
+
+def decide(dtype: torch.dtype, shape: str, features: CpuFeatures) -> Tuple[Candidates, Candidates]:
+    """The table's ``(forward candidates, backward candidates)`` for one kind of call."""
+    name = _DTYPE_NAMES[dtype]
+    cls = ("amx_fp16" if features.amx_fp16 else "no_fp16") if name == "fp16" else features.cpu_class
+    for key in ((name, shape, cls), (name, "*", cls), (name, "*", "*")):
+        if key in DECISION_TABLE:
+            return DECISION_TABLE[key]
+    raise KeyError(f"no CPU path for {name} {shape} on a {cls} CPU")
+
+
+def parse_override(text: Optional[str]) -> Optional[Tuple[str, str]]:
+    """``"tiled"`` -> ("tiled", "tiled"); ``"fwd=tiled,bwd=flash"`` -> ("tiled", "flash"); ""/"auto" -> None."""
+    text = (text or "").strip().lower()
+    if text in ("", "auto"):
+        return None
+    parts = dict(p.split("=", 1) if "=" in p else ("both", p) for p in text.replace(" ", "").split(","))
+    fwd = parts.get("fwd", parts.get("both"))
+    bwd = parts.get("bwd", parts.get("both", fwd))
+    fwd = fwd or bwd
+    if fwd not in CPU_PATHS or bwd not in CPU_PATHS or set(parts) - {"fwd", "bwd", "both"}:
+        raise ValueError(f"{ENV_PATH}={text!r}: use one of {CPU_PATHS}, or fwd=PATH,bwd=PATH with those paths")
+    return fwd, bwd
+
+
+def choose(dtype: torch.dtype, S: int, features: Optional[CpuFeatures] = None,
+           override: Optional[str] = None) -> Tuple[Candidates, Candidates]:
+    """Candidates per direction for a CPU call in ``dtype`` with ``S`` queries.
+
+    ``override`` (else ``$DSMR_CPU_PATH``) wins for half types; fp32 / fp64 always take ``flash``
+    (``upcast`` is the same thing there and ``tiled`` is a bf16 design).
+    """
+    if dtype in (torch.float32, torch.float64):
+        return ("flash",), ("flash",)
+    forced = parse_override(override if override is not None else os.environ.get(ENV_PATH))
+    if forced is not None:
+        return (forced[0],), (forced[1],)
+    return decide(dtype, shape_class(S), features or detect_features())
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration: first use of an unsettled kind of call
+# --------------------------------------------------------------------------------------------
+_CALIBRATED: Dict[tuple, str] = {}
+_LOCK = threading.Lock()
+_clock: Callable[[], float] = time.perf_counter
+
+
+def calibration_enabled() -> bool:
+    return os.environ.get(ENV_CALIBRATE, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def calibrate(key: tuple, candidates: Candidates, run: Callable[[str], object]):
+    """``(choice, result)``: the cached choice for ``key`` (result None), else time each candidate.
+
+    ``run(candidate)`` does the real work of the call; each candidate runs twice (the first run
+    pays one-time costs) and the faster run counts. The winner's last result is returned, so the
+    calibrating call's work is not wasted. With one candidate or calibration off, the first
+    candidate is returned without running anything.
+    """
+    if len(candidates) == 1 or not calibration_enabled():
+        return candidates[0], None
+    with _LOCK:
+        if key in _CALIBRATED:
+            return _CALIBRATED[key], None
+    times, results = {}, {}
+    for name in candidates:
+        best = float("inf")
+        for _ in range(2):
+            t0 = _clock()
+            results[name] = run(name)
+            best = min(best, _clock() - t0)
+        times[name] = best
+    choice = min(candidates, key=lambda n: times[n])
+    with _LOCK:
+        _CALIBRATED[key] = choice
+    return choice, results[choice]
+
+
+def calibration_key(direction: str, dtype: torch.dtype, S: int) -> tuple:
+    return (direction, _DTYPE_NAMES[dtype], shape_class(S), torch.get_num_threads())
+
+
+def clear_calibration() -> None:
+    """Forget every calibrated choice (the next call of each kind calibrates again)."""
+    with _LOCK:
+        _CALIBRATED.clear()
+
+
+def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
+    """The CPU's features and the path of every kind of call, for bench table headers.
+
+    Example: ``{"cpu features": "avx2, avx512, avx512_bf16", "ATen capability": "AVX512",
+    "bf16 segment": "fwd tiled, bwd tiled", ...}``.
+    """
+    feats = features or detect_features()
+    info = {"cpu features": feats.flags, "ATen capability": feats.capability, "cpu class": feats.cpu_class}
+    override = os.environ.get(ENV_PATH)
+    if parse_override(override) is not None:
+        info["override"] = f"{ENV_PATH}={override}"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for S, shape in ((DECODE_MAX_QUERIES + 1, "segment"), (1, "decode")):
+            fwd, bwd = choose(dtype, S, feats)
+            text = []
+            for direction, cands in (("fwd", fwd), ("bwd", bwd)):
+                key = calibration_key(direction, dtype, S)
+                if len(cands) > 1:
+                    got = _CALIBRATED.get(key)
+                    pick = got if got else ("calibrated on first use" if calibration_enabled() else cands[0])
+                    text.append(f"{direction} {pick} (of {'/'.join(cands)})")
+                else:
+                    text.append(f"{direction} {cands[0]}")
+            info[f"{_DTYPE_NAMES[dtype]} {shape}"] = ", ".join(text)
+    return info

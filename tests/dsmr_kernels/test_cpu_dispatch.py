@@ -1,0 +1,128 @@
+"""The decision table and calibration (dsmr_kernels/cpu_dispatch.py), with mocked CPUs; no timing."""
+import pytest
+import torch
+
+from dsmr_kernels import cpu_dispatch as cd
+from dsmr_kernels import torch_backend as tb
+from dsmr_kernels._validate import OpDims
+
+from .cpu_helpers import check_against_golden, torch_op
+
+AMX_XEON = cd.CpuFeatures("AVX512", avx2=True, avx512=True, avx512_bf16=True, amx_bf16=True, amx_fp16=True)
+EPYC = cd.CpuFeatures("AVX512", avx2=True, avx512=True, avx512_bf16=True)
+LAPTOP = cd.CpuFeatures("AVX2", avx2=True)
+SEG, DEC = 512, 1  # query counts of a training segment and of one generated token
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv(cd.ENV_PATH, raising=False)
+    monkeypatch.delenv(cd.ENV_CALIBRATE, raising=False)
+    cd.clear_calibration()
+    yield
+    cd.clear_calibration()
+
+
+@pytest.mark.parametrize("cpu,dtype,S,fwd,bwd", [
+    # AMX: ATen's kernel runs on AMX tiles; which backward wins is calibrated
+    (AMX_XEON, torch.bfloat16, SEG, ("flash", "upcast"), ("flash", "tiled", "upcast")),
+    (AMX_XEON, torch.bfloat16, DEC, ("flash",), ("flash",)),
+    (AMX_XEON, torch.float16, SEG, ("flash",), ("flash",)),  # AMX-FP16: native fp16
+    # AVX512-BF16 without AMX: large batched bf16 GEMMs
+    (EPYC, torch.bfloat16, SEG, ("tiled",), ("tiled",)),
+    (EPYC, torch.bfloat16, DEC, ("flash",), ("flash",)),
+    (EPYC, torch.float16, SEG, ("upcast",), ("upcast",)),
+    # AVX2 only: no bf16 / fp16 arithmetic, both computed in fp32
+    (LAPTOP, torch.bfloat16, SEG, ("upcast",), ("upcast",)),
+    (LAPTOP, torch.bfloat16, DEC, ("upcast",), ("upcast",)),
+    (LAPTOP, torch.float16, DEC, ("upcast",), ("upcast",)),
+])
+def test_decision_table(cpu, dtype, S, fwd, bwd):
+    assert cd.choose(dtype, S, cpu) == (fwd, bwd)
+
+
+@pytest.mark.parametrize("cpu", [AMX_XEON, EPYC, LAPTOP])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_full_precision_takes_flash_everywhere(cpu, dtype, monkeypatch):
+    monkeypatch.setenv(cd.ENV_PATH, "tiled")  # not even an override moves fp32 off ATen's kernel
+    assert cd.choose(dtype, SEG, cpu) == (("flash",), ("flash",))
+
+
+def test_cpu_classes():
+    assert (AMX_XEON.cpu_class, EPYC.cpu_class, LAPTOP.cpu_class) == ("amx", "bf16", "no_bf16")
+    assert cd.CpuFeatures(arm_bf16=True).cpu_class == "bf16"
+    assert "amx_bf16" in AMX_XEON.flags and "avx512" not in LAPTOP.flags
+
+
+def test_every_table_row_names_real_paths():
+    for key, (fwd, bwd) in cd.DECISION_TABLE.items():
+        assert fwd and bwd and set(fwd + bwd) <= set(cd.CPU_PATHS), key
+
+
+def test_override_env_and_argument(monkeypatch):
+    assert cd.parse_override("fwd=tiled,bwd=flash") == ("tiled", "flash")
+    assert cd.parse_override("upcast") == ("upcast", "upcast")
+    assert cd.parse_override("bwd=tiled") == ("tiled", "tiled")
+    assert cd.parse_override("auto") is None and cd.parse_override(None) is None
+    for bad in ("fast", "fwd=tiled,bwd=nope", "side=flash"):
+        with pytest.raises(ValueError, match="DSMR_CPU_PATH"):
+            cd.parse_override(bad)
+    monkeypatch.setenv(cd.ENV_PATH, "fwd=flash,bwd=tiled")
+    assert cd.choose(torch.bfloat16, SEG, LAPTOP) == (("flash",), ("tiled",))
+    assert cd.choose(torch.bfloat16, SEG, LAPTOP, override="upcast") == (("upcast",), ("upcast",))
+    dims = OpDims(1, 2, 1, SEG, 0, 8)
+    assert tb.cpu_route(torch.bfloat16, dims).bwd == ("tiled",)
+
+
+def test_calibration_picks_the_fastest_once_and_can_be_turned_off(monkeypatch):
+    now = [0.0]
+    cost = {"flash": 3.0, "tiled": 1.0, "upcast": 2.0}
+    runs = []
+
+    def run(name):
+        runs.append(name)
+        now[0] += cost[name]
+        return f"result of {name}"
+
+    monkeypatch.setattr(cd, "_clock", lambda: now[0])
+    key = ("bwd", "bf16", "segment", 2)
+    assert cd.calibrate(key, ("flash", "tiled", "upcast"), run) == ("tiled", "result of tiled")
+    assert runs == ["flash", "flash", "tiled", "tiled", "upcast", "upcast"]
+    assert cd.calibrate(key, ("flash", "tiled", "upcast"), run) == ("tiled", None)  # cached: nothing runs
+    assert len(runs) == 6
+    assert cd.calibrate(("other",), ("upcast",), run) == ("upcast", None)  # one candidate: nothing to time
+    monkeypatch.setenv(cd.ENV_CALIBRATE, "0")
+    assert cd.calibrate(("new",), ("flash", "tiled"), run) == ("flash", None)
+    assert len(runs) == 6
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_calibrated_amx_routes_are_correct_end_to_end(window, monkeypatch):
+    """On a (mocked) AMX CPU bf16 calibrates its forward and backward on first use; every
+    candidate is correct, and the second call reuses the choice."""
+    monkeypatch.setattr(cd, "detect_features", lambda: AMX_XEON)
+    check_against_golden(torch_op, torch.bfloat16, 2, 4, 2, 40, 30, 16, window, mem_len=[30, 11])
+    chosen = dict(cd._CALIBRATED)
+    assert {k[0] for k in chosen} == {"fwd", "bwd"}
+    assert chosen[cd.calibration_key("fwd", torch.bfloat16, 40)] in ("flash", "upcast")
+    check_against_golden(torch_op, torch.bfloat16, 2, 4, 2, 40, 30, 16, window, mem_len=[30, 11])
+    assert cd._CALIBRATED == chosen
+
+
+def test_describe_cpu_reports_features_and_paths(monkeypatch):
+    info = cd.describe_cpu(EPYC)
+    assert info["cpu features"] == "avx2, avx512, avx512_bf16" and info["cpu class"] == "bf16"
+    assert info["bf16 segment"] == "fwd tiled, bwd tiled" and info["fp32 segment"] == "fwd flash, bwd flash"
+    assert "calibrated on first use" in cd.describe_cpu(AMX_XEON)["bf16 segment"]
+    monkeypatch.setenv(cd.ENV_PATH, "flash")
+    assert cd.describe_cpu(EPYC)["override"] == "DSMR_CPU_PATH=flash"
+
+
+def test_detected_features_agree_with_cpuinfo():
+    flags = cd._cpuinfo_flags()
+    feats = cd.detect_features()
+    assert feats.capability == torch.backends.cpu.get_cpu_capability()
+    if "avx2" in flags:
+        assert feats.avx2
+    if "avx512_bf16" in flags:
+        assert feats.avx512_bf16 and feats.cpu_class in ("bf16", "amx")
