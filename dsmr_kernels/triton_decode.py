@@ -34,9 +34,10 @@ SPLIT_ALIGN = 128
 # SM count on CUDA.
 DEFAULT_SM_COUNT = 132
 PROGRAMS_PER_SM = 2
-# Row block (GQA heads x queries) limits: tl.dot needs >= 16 rows; more than 64 rows go to
-# further row blocks (this kernel is for small S; prefill belongs to the forward kernel).
-MIN_ROWS, MAX_ROWS = 16, 64
+# Row block (GQA heads x queries) limits: tl.dot needs >= 16 rows; more than 32 rows go to
+# further row blocks (this kernel is for small S; prefill belongs to the forward kernel). 64-row
+# blocks pushed bf16 D >= 64 to 235-255 registers on sm_80/sm_90.
+MIN_ROWS, MAX_ROWS = 16, 32
 
 INTERPRET_META = {"decode": {"BLOCK_N": 64}, "combine": {"BLOCK_RC": 16}}
 
@@ -66,10 +67,16 @@ def decode_smem_bytes(config, head_dim: int, elem_bytes: int, block_r: int) -> i
 def prune_decode_configs(configs, head_dim: int, elem_bytes: int, block_r: int, smem_limit: int):
     """The configs the autotuner may pick at this shape (never empty).
 
-    Drops configs whose estimated shared memory exceeds ``smem_limit`` bytes, and 8 warps on a key
-    tile under 64 x 64 elements: too little work per warp, and ptxas spills there (seen at D = 16).
+    Drops configs whose estimated shared memory exceeds ``smem_limit`` bytes; 8 warps on a key
+    tile under 64 x 64 elements (too little work per warp; ptxas spilled there at D = 16); and
+    score tiles over 16 fp32 per thread (``block_r * BLOCK_N / threads``), where ptxas spilled a
+    few bytes to reach its occupancy target (sm_80, 32 rows x 128 keys on 4 warps).
     """
-    cands = [c for c in configs if c.num_warps < 8 or c.kwargs["BLOCK_N"] * head_dim >= 64 * 64] or configs
+    def sane(c):
+        bn, threads = c.kwargs["BLOCK_N"], 32 * c.num_warps
+        return (c.num_warps < 8 or bn * head_dim >= 64 * 64) and block_r * bn <= 16 * threads
+
+    cands = [c for c in configs if sane(c)] or configs
     fit = [c for c in cands if decode_smem_bytes(c, head_dim, elem_bytes, block_r) <= smem_limit]
     if not fit:  # keep the smallest so a launch is always possible (and fails loudly if it cannot)
         fit = [min(cands, key=lambda c: decode_smem_bytes(c, head_dim, elem_bytes, block_r))]
@@ -77,7 +84,8 @@ def prune_decode_configs(configs, head_dim: int, elem_bytes: int, block_r: int, 
 
 
 def _device_smem_limit(device) -> int:
-    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    props = triton.runtime.driver.active.utils.get_device_properties(index)
     return int(props["max_shared_mem"])
 
 

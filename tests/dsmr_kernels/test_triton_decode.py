@@ -124,7 +124,8 @@ def test_garbage_in_invalid_slots_never_reaches_output(dtype, small_splits):
 
 
 def test_rows_beyond_one_block(small_splits):
-    """G * S = 8 * 9 = 72 rows > 64: two row blocks per kv head, queries of one head in both."""
+    """G * S = 8 * 9 = 72 rows > MAX_ROWS = 32: three row blocks per kv head; head 3's queries
+    (rows 27..35) straddle the first two."""
     _check(F32, 2, 1, 9, 40, None, 16, [40, 17])
     _check(BF16, 1, 1, 9, 40, 5, 16, [33])
 
@@ -174,7 +175,7 @@ def test_config_pruning_by_shared_memory():
         for limit in (99 * 1024, 163 * 1024, 227 * 1024):
             kept = triton_decode.prune_decode_configs(configs, D, elem, 16, limit)
             assert kept and all(triton_decode.decode_smem_bytes(c, D, elem, 16) <= limit for c in kept)
-    big = triton_decode.prune_decode_configs(configs, 128, 4, 64, 227 * 1024)
-    small = triton_decode.prune_decode_configs(configs, 128, 4, 64, 99 * 1024)
+    big = triton_decode.prune_decode_configs(configs, 128, 4, 32, 227 * 1024)
+    small = triton_decode.prune_decode_configs(configs, 128, 4, 32, 99 * 1024)
     assert len(small) < len(big) <= len(configs)
-    assert len(triton_decode.prune_decode_configs(configs, 128, 4, 64, 1)) == 1
+    assert len(triton_decode.prune_decode_configs(configs, 128, 4, 32, 1)) == 1
