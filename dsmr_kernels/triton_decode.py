@@ -67,14 +67,15 @@ def decode_smem_bytes(config, head_dim: int, elem_bytes: int, block_r: int) -> i
 def prune_decode_configs(configs, head_dim: int, elem_bytes: int, block_r: int, smem_limit: int):
     """The configs the autotuner may pick at this shape (never empty).
 
-    Drops configs whose estimated shared memory exceeds ``smem_limit`` bytes; 8 warps on a key
-    tile under 64 x 64 elements (too little work per warp; ptxas spilled there at D = 16); and
-    score tiles over 16 fp32 per thread (``block_r * BLOCK_N / threads``), where ptxas spilled a
-    few bytes to reach its occupancy target (sm_80, 32 rows x 128 keys on 4 warps).
+    Drops configs whose estimated shared memory exceeds ``smem_limit`` bytes, and two kinds where
+    ptxas spilled a few bytes to reach its occupancy target (measured from sm_80/sm_90 cubins):
+    8 warps on anything but 128-key tiles at D >= 32 (it caps 8-warp programs near 128 registers:
+    spills at D = 16 x 64 keys on sm_90, D = 128 x 64 keys x 32 rows on sm_80), and score tiles
+    over 16 fp32 per thread (``block_r * BLOCK_N / threads``; spills at 32 rows x 128 keys, 4 warps).
     """
     def sane(c):
         bn, threads = c.kwargs["BLOCK_N"], 32 * c.num_warps
-        return (c.num_warps < 8 or bn * head_dim >= 64 * 64) and block_r * bn <= 16 * threads
+        return (c.num_warps < 8 or (bn == 128 and head_dim >= 32)) and block_r * bn <= 16 * threads
 
     cands = [c for c in configs if sane(c)] or configs
     fit = [c for c in cands if decode_smem_bytes(c, head_dim, elem_bytes, block_r) <= smem_limit]
