@@ -23,7 +23,8 @@ from torch.autograd.function import once_differentiable
 
 from .cpu_dispatch import calibrate, calibration_key
 from .cpu_flash import CpuPlan, flash_backward, flash_forward
-from .cpu_tiled import TileConfig, tiled_backward, tiled_forward
+from .cpu_tiled import TileConfig, tiled_forward
+from .cpu_tiled_bwd import tiled_backward
 from .mask_cache import MASK_CACHE
 
 PATHS = ("flash", "tiled", "upcast")

@@ -18,8 +18,7 @@ Precision: scores come out of the GEMM in bf16 (like the reference's bf16 matmul
 statistics, ``exp2`` and all accumulators are fp32, probabilities are rounded to bf16 for the
 ``P @ V`` GEMM (as in the reference). The output, LSE and gradients are rounded once at the end.
 
-Backward: FA2 with the final LSE (scores recomputed per tile); ``dP - rowsum(dO * O)`` comes out
-of one GEMM augmented with two columns, so bf16 rounding is relative to that difference.
+Backward: :mod:`.cpu_tiled_bwd` (key tiles outer, every query row that sees a tile at once).
 
 Memory: temporaries are bounded by ``tile_elems`` score entries per tile (lanes are processed
 in groups to respect it), independent of the memory length M; tile buffers are kept between
@@ -164,15 +163,34 @@ def _workspace(elems: int, device, n16: int, n32: int, dtype) -> _Workspace:
     return ws
 
 
+def scratch(name: str, shape, dtype, device) -> torch.Tensor:
+    """A ``shape`` view of this thread's named scratch buffer (grown when too small, never shrunk).
+
+    For the (rows or keys) x D slabs of the backward; the score-sized buffers are :func:`_workspace`'s.
+    """
+    store = getattr(_WORKSPACES, "scratch", None)
+    if store is None:
+        store = _WORKSPACES.scratch = {}
+    key = (name, str(device), dtype)
+    need = math.prod(shape)
+    buf = store.get(key)
+    if buf is None or buf.numel() < need:
+        buf = store[key] = torch.empty(need, dtype=dtype, device=device)
+    return buf[:need].view(shape)
+
+
 def release_workspaces() -> None:
     """Free the tile buffers this thread keeps between calls (they are re-created on demand)."""
     _WORKSPACES.store = {}
+    _WORKSPACES.scratch = {}
 
 
 def workspace_nbytes() -> int:
     """Bytes of tile buffers this thread currently keeps."""
     store = getattr(_WORKSPACES, "store", None) or {}
-    return sum(t.numel() * t.element_size() for ws in store.values() for t in ws.b16 + ws.b32)
+    extra = getattr(_WORKSPACES, "scratch", None) or {}
+    return (sum(t.numel() * t.element_size() for ws in store.values() for t in ws.b16 + ws.b32)
+            + sum(t.numel() * t.element_size() for t in extra.values()))
 
 
 def _scores(qf, kt, c: float, mask: Optional[torch.Tensor], G: int, s16: torch.Tensor, s32: torch.Tensor):
@@ -240,77 +258,3 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
             out[b0:b1, :, r0:r1] = o.view(nb, H, Rb, D)
             lse[b0:b1, :, r0:r1] = (m + torch.log2(l)).mul_(_LN2).view(nb, H, Rb)
     return out, lse
-
-
-@torch.no_grad()
-def tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, lens: List[int], M: int, scale: float,
-                   window: Optional[int], cache=MASK_CACHE, need_q: bool = True, need_kv: bool = True,
-                   tiles: TileConfig = DEFAULT_TILES):
-    """Backward (FA2 style, recomputing scores): returns ``(dq, dk, dv)`` in q.dtype (None if not needed).
-
-    g, out: (B, H, S, D); lse: (B, H, S) fp32 natural log, the *final* one from the forward.
-    ``dS = P * (dP - rowsum(dO * O))``; dq over all tiles, dk/dv from segment tiles only.
-    """
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    G = H // Hkv
-    c = scale * _LOG2E
-    R = min(S, tiles.rows)
-    dt = q.dtype
-    delta = (g.float() * out.float()).sum(-1)  # (B, H, S)
-    lse2 = lse.float() * _LOG2E
-    dq = torch.empty(B, H, S, D, dtype=dt, device=q.device) if need_q else None
-    dk_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
-    dv_acc = torch.zeros(B * Hkv, S, D, dtype=torch.float32, device=q.device) if need_kv else None
-    groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
-    elems = max(((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), default=0)
-    ws = _workspace(elems, q.device, 2, 2, dt)
-    # [V, 1, 1] tiles for the dP - delta GEMM: one flat buffer per call, viewed per tile.
-    va_buf = torch.empty(max((b1 - b0 for b0, b1, _ in groups), default=0) * Hkv * tiles.cols * (D + 2), dtype=dt,
-                         device=q.device)
-    for b0, b1, L in groups:
-        nb = b1 - b0
-        kv_rows = slice(b0 * Hkv, b1 * Hkv)
-        for r0 in range(0, S, R):
-            r1 = min(S, r0 + R)
-            Rb = r1 - r0
-            qf = _fold_rows(q, b0, b1, r0, r1, Hkv)
-            gf = _fold_rows(g, b0, b1, r0, r1, Hkv).to(dt)
-            lf = _fold_rows(lse2, b0, b1, r0, r1, Hkv).unsqueeze(-1)
-            # dP - delta comes out of one GEMM: [dO, -delta_hi, -delta_lo] @ [V, 1, 1]^T. The GEMM
-            # accumulates in fp32 and rounds once, so the bf16 rounding is relative to |dP - delta|,
-            # not |dP|: no cancellation when a row's probability mass sits on few keys (delta ~ dP).
-            df = _fold_rows(delta, b0, b1, r0, r1, Hkv)
-            d_hi = df.to(dt)
-            d_lo = (df - d_hi.float()).to(dt)
-            ga = torch.cat([gf, -d_hi.unsqueeze(-1), -d_lo.unsqueeze(-1)], dim=-1)
-            dq_acc = None
-            for t in _tiles(L, r0, r1, window, tiles.cols):
-                seg = t.part == "seg"
-                if not need_q and not seg:
-                    continue
-                mask = None if t.d is None else _tile_mask(Rb, t.j1 - t.j0, t.d, window, q.device, cache)
-                kt = _keys(t.part, t.j0, t.j1, L, M, k, mem_k, b0, b1)
-                vt = _keys(t.part, t.j0, t.j1, L, M, v, mem_v, b0, b1, pack=False)
-                p = _scores(qf, kt, c, mask, G, ws.b16[0], ws.b32[0]).sub_(lf).exp2_()  # final-LSE probabilities
-                shape = p.shape
-                pb = _Workspace.view(ws.b16[0], shape).copy_(p)
-                va = _Workspace.view(va_buf, (vt.shape[0], vt.shape[1], D + 2))
-                va[..., :D] = vt
-                va[..., D:] = 1
-                dp = _Workspace.view(ws.b16[1], shape)
-                torch.bmm(ga, va.transpose(1, 2), out=dp)  # dP - delta
-                ds = _Workspace.view(ws.b32[1], shape).copy_(dp).mul_(p)
-                dsb = dp.copy_(ds)
-                if need_q:
-                    part = torch.bmm(dsb, kt)
-                    dq_acc = part.float() if dq_acc is None else dq_acc.add_(part)
-                if seg and need_kv:
-                    cols = slice(t.j0 - L, t.j1 - L)
-                    dv_acc[kv_rows, cols].add_(torch.bmm(pb.transpose(1, 2), gf))
-                    dk_acc[kv_rows, cols].add_(torch.bmm(dsb.transpose(1, 2), qf))
-            if need_q:
-                dq[b0:b1, :, r0:r1] = dq_acc.mul_(scale).view(nb, H, Rb, D)
-    dk = dk_acc.mul_(scale).view(B, Hkv, S, D).to(dt) if need_kv else None
-    dv = dv_acc.view(B, Hkv, S, D).to(dt) if need_kv else None
-    return dq, dk, dv

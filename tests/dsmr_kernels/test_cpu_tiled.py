@@ -6,6 +6,7 @@ import torch
 
 from dsmr_kernels import cpu_tiled
 from dsmr_kernels.cpu_tiled import TileConfig, _lane_groups, _tiles
+from dsmr_kernels.cpu_tiled_bwd import SEG_COLS
 from dsmr_kernels.testing import make_inputs
 
 from .cpu_helpers import check_against_golden, force_route, saved_bytes_beyond_inputs, torch_op
@@ -88,13 +89,62 @@ def test_tiled_workspace_is_reused_bounded_and_releasable(monkeypatch):
     force_route(monkeypatch, "tiled", tiles=TileConfig(8, 16, 1 << 10))
     cpu_tiled.release_workspaces()
     assert cpu_tiled.workspace_nbytes() == 0
-    q, k, v, mk, mv, ml = make_inputs(3, 4, 2, 20, 50, 16, torch.bfloat16)
+    B, H, Hkv, S, M, D = 3, 4, 2, 20, 50, 16
+    q, k, v, mk, mv, ml = make_inputs(B, H, Hkv, S, M, D, torch.bfloat16)
     torch_op(q, k, v, mk, mv, ml).sum().backward()
     held = cpu_tiled.workspace_nbytes()
-    # forward: one bf16 + one fp32 buffer, backward: two of each; one tile of one lane (4 x 8 x 16
-    # entries) exceeds the 1024-entry budget, so a group is a single lane
-    assert held == 4 * 8 * 16 * (2 + 4) + 4 * 8 * 16 * 2 * (2 + 4)
+    # forward: one bf16 + one fp32 buffer of one tile of one lane (4 x 8 x 16 entries exceed the
+    # 1024-entry budget, so a group is a single lane)
+    fwd = H * 8 * 16 * (2 + 4)
+    # backward: two bf16 + two fp32 score buffers of one lane's row block (the budget allows
+    # 1024 // (4 * 128) = 2 rows x 128 keys, SEG_COLS), plus (rows or keys) x D scratch slabs:
+    # q and [dO, -delta] rows (GQA copies), a dq part, k keys and a dk/dv part
+    rows = (1 << 10) // (H * SEG_COLS)
+    bwd = H * rows * SEG_COLS * 2 * (2 + 4)
+    keys = max(16, min(SEG_COLS, S))  # the widest key tile: memory tiles are 16 wide, the segment's 20
+    slabs = 2 * (H * rows * D + H * rows * (D + 2) + H * rows * D + Hkv * keys * D + Hkv * keys * D)
+    assert held == fwd + bwd + slabs
     torch_op(q, k, v, mk, mv, ml).sum().backward()
     assert cpu_tiled.workspace_nbytes() == held  # reused, not re-allocated per call
     cpu_tiled.release_workspaces()
     assert cpu_tiled.workspace_nbytes() == 0
+
+
+@pytest.mark.parametrize("window", [None, 3, 30])
+def test_backward_key_tiles_cover_exactly_the_visible_pairs(window):
+    """Every visible (row, key) pair is in exactly one (tile, row block); the rows of each block all
+    see some key of its tile, and the tiles respect their widths and the row-block cap."""
+    from dsmr_kernels.cpu_tiled_bwd import _key_tiles
+
+    for L, S, cols, seg_cols, max_rows in [(40, 30, 16, 8, 7), (0, 9, 4, 2, 100), (5, 12, 3, 5, 1)]:
+        seen = torch.zeros(S, L + S, dtype=torch.int32)
+        for part, j0, j1, ra, rb in _key_tiles(L, S, window, cols, seg_cols, max_rows):
+            assert (part == "mem") == (j1 <= L) and j1 - j0 <= (cols if part == "mem" else seg_cols)
+            assert 0 < rb - ra <= max_rows
+            i = torch.arange(ra, rb)[:, None]
+            j = torch.arange(j0, j1)[None, :]
+            vis = j <= L + i
+            if window is not None:
+                vis &= (L + i - j) < window
+            assert vis.any(1).all()  # no row of the block is wasted
+            seen[ra:rb, j0:j1] += vis.int()
+        i = torch.arange(S)[:, None]
+        j = torch.arange(L + S)[None, :]
+        want = j <= L + i
+        if window is not None:
+            want &= (L + i - j) < window
+        assert torch.equal(seen, want.int()), (L, S, window)
+
+
+def test_tiled_backward_row_blocks_match_one_block(monkeypatch):
+    """A lane above the tile budget is split into row blocks; gradients agree with one block."""
+    from dsmr_kernels.testing import forward_backward
+
+    q, k, v, mk, mv, ml = make_inputs(2, 4, 2, 40, 30, 16, torch.bfloat16, mem_len=[30, 9])
+    do = torch.randn(2, 4, 40, 16).to(torch.bfloat16)
+    force_route(monkeypatch, "tiled", tiles=TileConfig(256, 512, 1 << 22))
+    one = forward_backward(torch_op, q, k, v, mk, mv, ml, do, window=17)
+    force_route(monkeypatch, "tiled", tiles=TileConfig(256, 512, 4 * 128 * 3))  # 3 rows per block
+    many = forward_backward(torch_op, q, k, v, mk, mv, ml, do, window=17)
+    for a, b in zip(one[1:], many[1:]):
+        assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
