@@ -3,6 +3,7 @@
     python bench/run.py                 # everything, default sizes (under 30 min on 2 CPU cores)
     python bench/run.py --quick         # smaller sizes (under 5 min on 2 CPU cores)
     python bench/run.py --only op,peer  # a subset
+    python bench/run.py --only study    # the schedule study (dsmr study; not part of the default run)
 
 Tables are printed and written to ``bench/results/`` as markdown (``<section>.md``, and all of them
 in ``README.md``), CSV (``<section>.csv``) and PNG plots. Every model-level configuration runs in
@@ -26,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 SECTIONS = ("op", "schedules", "peer", "generation")
+OPTIONAL = ("study",)  # run only when named in --only
 TITLES = {
     "op": "1. Op: segment_memory_attention",
     "schedules": "2. Memory schedules at model level",
@@ -46,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             "  schedules   training tokens/s and peak memory of every schedule family on one long piece\n"
             "  peer        DSMR vs x-transformers (hidden-state memory, re-projected every segment)\n"
             "  generation  sampling 4k/16k/64k tokens (quick: 1k/4k) with bounded caches; per-token latency\n"
+            "  study       (only with --only study) dsmr study: every schedule family trained and compared; its\n"
+            "              rows live in runs/study (resumable), study.csv/md/png are copied to the results folder\n"
         ),
     )
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions (< 5 min on 2 cores)")
@@ -64,10 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds one worker process may run before it is counted as failed (default 1200)")
     args = p.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = [s for s in only if s not in SECTIONS]
+    unknown = [s for s in only if s not in SECTIONS + OPTIONAL]
     if unknown:
-        p.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+        p.error(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS + OPTIONAL)}")
     args.sections = [s for s in SECTIONS if s in only]
+    args.study = "study" in only
     if args.rounds is None:
         args.rounds = 1 if args.quick else 2
     return args
@@ -121,8 +126,28 @@ def write_index(out_dir: Path, machine_md: str, run_meta: dict) -> None:
     (out_dir / "README.md").write_text("\n".join(parts))
 
 
+def run_study_section(args) -> None:
+    """``dsmr study`` (``--quick`` with --quick) in runs/study[-quick], its three files copied to ``args.out``."""
+    import torch
+
+    from dsmr.study import StudyConfig, run_study
+
+    torch.set_num_threads(args.threads)
+    work = REPO / "runs" / ("study-quick" if args.quick else "study")
+    res = run_study(work, StudyConfig.quick() if args.quick else StudyConfig(), progress=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for key in ("csv", "markdown", "plot"):
+        if res[key]:
+            shutil.copy(res[key], args.out / Path(res[key]).name)
+    print(f"study: {work} -> {args.out}/study.csv, study.md, study.png", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.study:
+        run_study_section(args)
+        if not args.sections:
+            return 0
     from tqdm.auto import tqdm
 
     from bench import common

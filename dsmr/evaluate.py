@@ -10,6 +10,11 @@ is position 1, so a piece of L ids has targets 1..L+1)::
 
     "1-1k": 1..1024   "1k-4k": 1025..4096   "4k-8k": 4097..8192
     "8k-16k": 8193..16384   "16k-32k": 16385..32768   "32k+": 32769..
+
+Given the tokenizer (or the pieces' note counts), the result also holds **NLL per note**: a
+piece's total NLL (every real target, EOS included) over its note count (:mod:`dsmr.notes`),
+pooled over pieces as ``sum(NLL) / sum(notes)``. Unlike NLL per token it compares across
+tokenizers, whose token counts per note differ.
 """
 from __future__ import annotations
 
@@ -52,6 +57,8 @@ def evaluate(
     progress: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    tokenizer=None,
+    notes: Optional[Sequence[int]] = None,
 ) -> dict:
     """Perplexity of ``model`` over ``pieces``, streamed in lanes like training.
 
@@ -68,10 +75,15 @@ def evaluate(
         max_pieces: only the first pieces.
         rank, world_size: shard the pieces over processes (``pieces[rank::world_size]``) and sum
             the statistics with ``all_reduce``; every rank returns the global result.
+        tokenizer: the MidiTok tokenizer the pieces were encoded with; adds NLL per note.
+        notes: instead of ``tokenizer``, each piece's note count (one int per piece).
 
     Returns:
         ``{"nll", "ppl", "tokens", "nll_sum", "pieces", "buckets": {label: {"tokens", "nll_sum",
-        "nll", "ppl"}}}``; the buckets' ``tokens`` and ``nll_sum`` add up to the totals.
+        "nll", "ppl"}}}``; the buckets' ``tokens`` and ``nll_sum`` add up to the totals. With
+        ``tokenizer`` or ``notes`` also ``"notes"`` (total), ``"nll_per_note"`` (summed NLL of the
+        pieces that have notes / their notes; None if none has) and ``"piece_nll"`` (each piece's
+        total NLL, ``(len(pieces),)`` list).
     """
     from tqdm.auto import tqdm
 
@@ -79,6 +91,7 @@ def evaluate(
     cfg = raw.config
     S = segment_length(cfg, segment_len)
     pieces = check_pieces(pieces[:max_pieces], cfg.vocab_size, "evaluation")
+    notes = _note_counts(pieces, tokenizer, None if notes is None else list(notes)[:max_pieces])
     check_vocab(Vocab(cfg.vocab_size, pad_id, bos_id, eos_id), cfg.vocab_size)
     device = next(raw.parameters()).device if device is None else torch.device(device)
     batcher = LaneBatcher(pieces, batch_lanes, S, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id,
@@ -87,6 +100,7 @@ def evaluate(
     nb = len(BUCKET_LABELS)
     sums = torch.zeros(nb, dtype=torch.float64, device=device)
     counts = torch.zeros(nb, dtype=torch.float64, device=device)
+    piece_nll = torch.zeros(len(pieces), dtype=torch.float64, device=device)
 
     was_training = raw.training
     raw.eval()
@@ -100,14 +114,17 @@ def evaluate(
             bucket = torch.bucketize(b.positions().to(device) - 1, edges, right=True)[mask]  # (n,)
             sums.index_add_(0, bucket, nll[mask].double())
             counts += torch.bincount(bucket, minlength=nb).double()
+            live = b.piece >= 0
+            piece_nll.index_add_(0, b.piece[live].to(device), (nll * mask).sum(1).double()[live.to(device)])
     finally:
         raw.train(was_training)
 
     if world_size > 1:
-        both = sum_over_ranks(torch.cat([sums, counts]))
-        sums, counts = both[:nb], both[nb:]
+        both = sum_over_ranks(torch.cat([sums, counts, piece_nll]))
+        sums, counts, piece_nll = both[:nb], both[nb:2 * nb], both[2 * nb:]
     total, n = float(sums.sum()), int(round(float(counts.sum())))
     mean = total / n if n else float("nan")
+    per_note = {} if notes is None else _per_note(piece_nll.tolist(), notes)
     return {
         "nll": mean,
         "ppl": math.exp(mean) if n else float("nan"),
@@ -115,4 +132,29 @@ def evaluate(
         "nll_sum": total,
         "pieces": len(pieces),
         "buckets": _bucket_summary(BUCKET_LABELS, sums.tolist(), counts.tolist()),
+        **per_note,
     }
+
+
+def _note_counts(pieces, tokenizer, notes) -> Optional[list]:
+    """Each piece's note count, from ``notes`` or by counting with ``tokenizer`` (None without both)."""
+    if notes is not None:
+        notes = [int(n) for n in notes]
+        if len(notes) != len(pieces) or min(notes, default=0) < 0:
+            raise ValueError(f"notes must hold one count >= 0 per evaluated piece ({len(pieces)}), got {len(notes)}")
+        return notes
+    if tokenizer is None:
+        return None
+    from .notes import count_notes, notes_per_id
+
+    table = notes_per_id(tokenizer)
+    return [count_notes(p, table) for p in pieces]
+
+
+def _per_note(piece_nll: list, notes: list) -> dict:
+    """``notes``, ``nll_per_note`` (pooled over pieces that have notes) and ``piece_nll``."""
+    with_notes = [i for i, k in enumerate(notes) if k > 0]
+    n_notes = sum(notes[i] for i in with_notes)
+    return {"notes": sum(notes),
+            "nll_per_note": sum(piece_nll[i] for i in with_notes) / n_notes if n_notes else None,
+            "piece_nll": piece_nll}

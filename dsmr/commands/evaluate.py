@@ -1,4 +1,4 @@
-"""``dsmr eval``: perplexity of a checkpoint over a split, and NLL by position in the piece."""
+"""``dsmr eval``: perplexity of a checkpoint over a split, NLL per note, and NLL by position in the piece."""
 from __future__ import annotations
 
 from .common import add_checkpoint_args, add_source_args, load_checkpoint, load_data, print_table, split_pieces, \
@@ -25,9 +25,12 @@ def run(args) -> int:
     pieces, _ = split_pieces(args, cache)
     res = evaluate(model, pieces, pad_id=cache.pad_id, bos_id=cache.bos_id, eos_id=cache.eos_id,
                    batch_lanes=args.batch_lanes, max_pieces=args.max_pieces, progress=True,
-                   autocast=args.autocast)
+                   autocast=args.autocast, tokenizer=cache.tokenizer())
     print(f"{args.split}: {res['pieces']} pieces, {res['tokens']:,} tokens, NLL {res['nll']:.4f}, "
           f"perplexity {res['ppl']:.3f}")
+    if res["nll_per_note"] is not None:
+        print(f"{res['notes']:,} notes, NLL per note {res['nll_per_note']:.4f} "
+              f"(a piece's total NLL over its note count; compares across tokenizers)")
     rows = [[label, f"{b['tokens']:,}", f"{b['nll']:.4f}" if b["tokens"] else "-",
              f"{b['ppl']:.3f}" if b["tokens"] else "-"] for label, b in res["buckets"].items()]
     print_table(["position", "tokens", "NLL", "ppl"], rows)

@@ -1,0 +1,294 @@
+"""The schedule study's report: ``study.csv``, ``study.md`` (table, configuration, finding) and ``study.png``.
+
+The finding is written from the numbers by :func:`finding`: it ranks the schedules, takes the
+spread between the seeds of the rows trained twice as the noise, says which differences lie
+within it, and says plainly when memory does not pay (when full memory is not better than the
+schedule with the least KV state by more than that noise).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .checkpoint import atomic_write_text
+
+CSV_COLUMNS = ("schedule", "seed", "horizons", "n_kv_heads", "kv_slots", "kv_mib", "val_ppl", "val_nll",
+               "val_nll_per_note", "krcu_auc", "krcu_mean", "tokens_per_s", "peak_mib", "train_tokens", "steps",
+               "best_step")
+KRCU_FLOOR = 0.01  # nats/token: a mean increase below this is "no measurable use" of the wiped context
+
+
+def _num(v, fmt: str) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+
+def csv_text(rows: Sequence[dict]) -> str:
+    """The CSV of the rows (one per schedule and seed), columns :data:`CSV_COLUMNS`."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    fmts = {"kv_mib": ".4f", "val_ppl": ".4f", "val_nll": ".5f", "val_nll_per_note": ".5f", "krcu_auc": ".4f",
+            "krcu_mean": ".6f", "tokens_per_s": ".1f", "peak_mib": ".1f"}
+    for r in rows:
+        vals = {**r, "horizons": r.get("horizons_text", r.get("horizons"))}
+        w.writerow([_num(vals.get(c), fmts[c]) if c in fmts else vals.get(c, "") for c in CSV_COLUMNS])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# the finding
+
+
+def _groups(rows: Sequence[dict]) -> Dict[str, List[dict]]:
+    out: Dict[str, List[dict]] = {}
+    for r in rows:
+        out.setdefault(r["schedule"], []).append(r)
+    return out
+
+
+def _mean(rs: Sequence[dict], key: str) -> Optional[float]:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _spread(rs: Sequence[dict], key: str) -> float:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return max(vals) - min(vals) if len(vals) > 1 else 0.0
+
+
+def _names(items) -> str:
+    return ", ".join(items)
+
+
+def _noise_sentence(groups, noise) -> str:
+    twice = {k: rs for k, rs in groups.items() if len(rs) > 1}
+    if not twice:
+        return "Every schedule trained with one seed only, so there is no noise estimate: no difference below can be called real."
+    parts = [f"{k}'s {len(rs)} seeds differ by {_spread(rs, 'val_ppl'):.3f}" for k, rs in twice.items()]
+    return (f"Seed noise: {_names(parts)} in validation perplexity, so differences up to {noise:.3f} "
+            f"are within the two-seed noise.")
+
+
+def _against_full(groups, ppl, noise) -> Optional[str]:
+    if "full" not in ppl:
+        return None
+    pf, eps = ppl["full"], noise or 0.0
+    same, better, worse = [], [], []
+    for k, p in ppl.items():
+        if k == "full":
+            continue
+        d = p - pf
+        (same if abs(d) <= eps else better if d < 0 else worse).append(f"{k} ({d:+.3f})")
+    parts = []
+    if same:
+        parts.append(f"within the noise: {_names(same)}")
+    if better:
+        parts.append(f"better beyond the noise: {_names(better)}")
+    if worse:
+        parts.append(f"worse beyond the noise: {_names(worse)}")
+    return f"Against full memory (perplexity {pf:.3f}), " + "; ".join(parts) + "."
+
+
+def _memory_pays(groups, ppl, noise) -> Optional[str]:
+    if "full" not in ppl:
+        return None
+    kv = {k: _mean(rs, "kv_mib") for k, rs in groups.items()}
+    others = [k for k in ppl if k != "full" and kv.get(k) is not None and kv[k] < kv["full"]]
+    if not others:
+        return None
+    low = min(others, key=lambda k: (kv[k], ppl[k]))
+    gain = ppl[low] - ppl["full"]  # > 0: full memory is better
+    where = (f"full memory ({kv['full']:.2f} MiB of KV state per lane at the end of a 16k-token piece) vs "
+             f"{low} ({kv[low]:.2f} MiB): perplexity {ppl['full']:.3f} vs {ppl[low]:.3f}")
+    if gain > (noise or 0.0):
+        tail = "more than the seed noise" if noise else "with no noise estimate to compare against"
+        return f"Memory pays at this scale: {where}, a gain of {gain:.3f}, {tail}."
+    if gain < 0:
+        return f"Memory does not pay at this scale: {where}; the extra memory makes perplexity worse, not better."
+    within = f"within the seed noise ({noise:.3f})" if noise else "no gain"
+    return f"Memory does not pay at this scale: {where}, a difference {within}."
+
+
+def _fhcr(groups, ppl, noise) -> Optional[str]:
+    if "fhcr" not in ppl or "full" not in ppl:
+        return None
+    kf, kc = _mean(groups["full"], "kv_mib"), _mean(groups["fhcr"], "kv_mib")
+    d = ppl["fhcr"] - ppl["full"]
+    verdict = "within the seed noise" if abs(d) <= (noise or 0.0) else ("better" if d < 0 else "worse") + \
+        " beyond the seed noise"
+    return (f"FHCR keeps the full horizon in {kc / kf:.0%} of full memory's KV bytes; its perplexity "
+            f"{ppl['fhcr']:.3f} is {d:+.3f} from full's, {verdict}.")
+
+
+def _krcu(groups) -> Optional[str]:
+    mean = {k: _mean(rs, "krcu_mean") for k, rs in groups.items()}
+    auc = {k: _mean(rs, "krcu_auc") for k, rs in groups.items()}
+    mean = {k: v for k, v in mean.items() if v is not None}
+    if not mean:
+        return None
+    hi, lo = max(mean, key=mean.get), min(mean, key=mean.get)
+    text = (f"KRCU (memory wiped at R): the largest NLL increase after R is {hi}'s ({mean[hi]:+.4f} nats/token, "
+            f"area {auc[hi]:.2f}), the smallest {lo}'s ({mean[lo]:+.4f}, area {auc[lo]:.2f})")
+    noise = max((_spread(rs, "krcu_auc") for rs in groups.values() if len(rs) > 1), default=None)
+    if noise is not None:
+        text += f"; the seeds' areas differ by up to {noise:.2f}"
+        if "full" in auc and "two_scale" in auc:
+            d = auc["full"] - auc["two_scale"]
+            text += (f", and full's area exceeds two_scale's by {d:.2f}, "
+                     + ("beyond" if d > noise else "within") + " that noise")
+    text += "."
+    if max(abs(v) for v in mean.values()) < KRCU_FLOOR:
+        text += (f" Every schedule's increase stays below {KRCU_FLOOR} nats/token: no schedule makes measurable "
+                 "use of the context before R at this scale.")
+    return text
+
+
+def finding(rows: Sequence[dict]) -> List[str]:
+    """Sentences that state what the rows' numbers say (see the module docstring).
+
+    ``rows``: dicts with ``schedule``, ``val_ppl``, ``kv_mib`` and optionally ``krcu_mean``,
+    ``krcu_auc`` (several rows of one schedule are its seeds). Means over seeds are compared; the
+    noise is the largest perplexity spread between the seeds of one schedule.
+    """
+    groups = _groups(rows)
+    ppl = {k: _mean(rs, "val_ppl") for k, rs in groups.items()}
+    ppl = {k: v for k, v in ppl.items() if v is not None}
+    if not ppl:
+        return ["No row has a validation perplexity yet."]
+    noise = max((_spread(rs, "val_ppl") for rs in groups.values() if len(rs) > 1), default=None)
+    best, worst = min(ppl, key=ppl.get), max(ppl, key=ppl.get)
+    out = [f"Best validation perplexity (mean over seeds): {best} ({ppl[best]:.3f}); worst: {worst} "
+           f"({ppl[worst]:.3f}), {ppl[worst] - ppl[best]:.3f} apart.", _noise_sentence(groups, noise)]
+    for s in (_against_full(groups, ppl, noise), _memory_pays(groups, ppl, noise), _fhcr(groups, ppl, noise),
+              _krcu(groups)):
+        if s:
+            out.append(s)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown and plot
+
+
+def _table(rows: Sequence[dict]) -> List[str]:
+    head = ("| schedule | seed | horizons | KV heads | KV slots @16k | KV MiB/lane @16k | val ppl | val NLL/note | "
+            "KRCU area | KRCU mean | train tok/s | peak MiB |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    for r in rows:
+        lines.append(f"| {r['schedule']} | {r['seed']} | `{r.get('horizons_text', r.get('horizons'))}` | "
+                     f"{r.get('n_kv_heads', '')} | {_num(r.get('kv_slots'), ',')} | {_num(r.get('kv_mib'), '.2f')} | "
+                     f"{_num(r.get('val_ppl'), '.3f')} | {_num(r.get('val_nll_per_note'), '.4f')} | "
+                     f"{_num(r.get('krcu_auc'), '.2f')} | {_num(r.get('krcu_mean'), '+.4f')} | "
+                     f"{_num(r.get('tokens_per_s'), ',.0f')} | {_num(r.get('peak_mib'), ',.0f')} |")
+    return lines
+
+
+def _bucket_tables(rows: Sequence[dict]) -> List[str]:
+    labels = [k for r in rows for k in r.get("buckets", {})]
+    labels = list(dict.fromkeys(labels))
+    klabels = list(dict.fromkeys(k for r in rows for k in r.get("krcu_buckets", {})))
+    lines = ["| schedule | seed | " + " | ".join(labels) + " |", "|" + "|".join(["---"] * (len(labels) + 2)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['schedule']} | {r['seed']} | " +
+                     " | ".join(_num(r.get("buckets", {}).get(k), ".4f") for k in labels) + " |")
+    lines += ["", "KRCU: mean NLL increase (nats/token) by distance after the wipe at R:", "",
+              "| schedule | seed | " + " | ".join(klabels) + " |", "|" + "|".join(["---"] * (len(klabels) + 2)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['schedule']} | {r['seed']} | " +
+                     " | ".join(_num(r.get("krcu_buckets", {}).get(k), "+.4f") for k in klabels) + " |")
+    return lines
+
+
+def _config_lines(meta: dict, rows: Sequence[dict]) -> List[str]:
+    c = meta["config"]
+    steps = rows[0].get("steps") if rows else None
+    model = ", ".join(f"{k}={v}" for k, v in c.get("model", {}).items()) or "as the preset"
+    return [
+        f"- corpus: `{meta.get('source')}`, pieces per split {meta.get('pieces')}",
+        f"- model: preset `{c['preset']}` ({model}); two-scale reference `{c.get('two_scale') or 'the preset schedule'}`; "
+        f"every other family at its budget (sum of horizons)",
+        f"- training: {steps} optimizer steps of {c['batch_lanes']} lanes per row (the same batches for every "
+        f"schedule of one seed; budget {c['train_tokens']:,} lane slots), lr {c['lr']} (warmup {c['warmup_steps']}, "
+        f"cosine to {c['min_lr']}), {c['evals']} validations, best checkpoint by validation perplexity",
+        f"- seeds: {c['seed']} for every row; {c['noise_seeds']} seeds for {', '.join(c['noise_rows'])}",
+        f"- validation: {'all' if c['eval_max_pieces'] is None else c['eval_max_pieces']} pieces, "
+        f"{'whole' if c['eval_max_tokens'] is None else 'first %d tokens of each' % c['eval_max_tokens']}; "
+        f"NLL per note = a piece's total NLL / its notes (Pitch and PitchDrum tokens), pooled",
+        f"- KRCU: memory of every layer wiped at R = {c['krcu_reset_at']}, increase over the next "
+        f"{c['krcu_window']} tokens, averaged over {rows[0].get('krcu_pieces') if rows else '?'} pieces of "
+        f"{'/'.join(c['krcu_splits'])}; area = sum of the mean increase over distance",
+        f"- KV columns: slots and MiB per lane at the end of a {c['kv_piece_len']:,}-token piece "
+        f"(K and V, all layers, in the training dtype)",
+        f"- machine: {meta.get('cpus')} CPUs, {meta.get('threads')} torch threads, device {c['device']}; started "
+        f"{meta.get('started_at')}, ended {meta.get('ended_at')}; load average (1/5/15 min) {meta.get('load_start')} "
+        f"at the start, {meta.get('load_end')} at the end. Throughput and peak memory are distorted by other "
+        f"processes' load when the load exceeds the CPU count; quality columns are not. Peak MiB on CPU is the "
+        f"resident-set growth during the row's training.",
+    ]
+
+
+def markdown(rows: Sequence[dict], meta: dict) -> str:
+    """``study.md``: the table, NLL by position and KRCU by distance, the configuration and the finding."""
+    lines = ["# Schedule study", "", "Which per-layer memory schedule keeps quality at a given KV budget, and does "
+             "it use long context? (`dsmr study`)", "", "## Finding (generated from the numbers)", ""]
+    lines += [f"- {s}" for s in finding(rows)]
+    lines += ["", "## Results", ""] + _table(rows)
+    lines += ["", "Validation NLL per token by position in the piece:", ""] + _bucket_tables(rows)
+    lines += ["", "## Configuration", ""] + _config_lines(meta, rows) + ["", "![study](study.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[dict], path: Path, smooth: int = 64) -> Optional[Path]:
+    """``study.png``: validation perplexity against KV MiB per lane; KRCU increase against distance."""
+    from .metrics import pyplot
+
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    groups = _groups(rows)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(groups), 2)))
+    for (name, rs), color in zip(groups.items(), colors):
+        a.scatter([r["kv_mib"] for r in rs], [r["val_ppl"] for r in rs], color=color, label=name, s=40)
+        curves = [np.asarray(r["krcu_curve"], dtype=np.float64) for r in rs if r.get("krcu_curve")]
+        if curves:
+            n = min(len(c) for c in curves)
+            mean = np.mean([c[:n] for c in curves], axis=0)
+            k = max(1, min(smooth, n))
+            b.plot(np.arange(k - 1, n), np.convolve(mean, np.ones(k) / k, mode="valid"), color=color, label=name)
+    a.set_xscale("symlog", linthresh=0.01)
+    a.set_xlabel("KV state per lane at the end of a 16k-token piece (MiB)")
+    a.set_ylabel("best validation perplexity")
+    a.set_title("quality against KV budget")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    b.axhline(0.0, color="k", lw=0.5)
+    b.set_xlabel("tokens after the wipe at R")
+    b.set_ylabel(f"NLL increase, nats (running mean of {smooth})")
+    b.set_title("KRCU: increase against distance")
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_report(out_dir, rows: Sequence[dict], meta: dict) -> dict:
+    """Write ``study.csv``, ``study.md`` and ``study.png`` under ``out_dir`` (atomically); their paths."""
+    out = Path(out_dir)
+    csv_path = atomic_write_text(out / "study.csv", csv_text(rows))
+    md_path = atomic_write_text(out / "study.md", markdown(rows, meta))
+    png = plot(rows, out / "study.png")
+    return {"csv": str(csv_path), "markdown": str(md_path), "plot": None if png is None else str(png)}
+
+
+__all__ = ["CSV_COLUMNS", "csv_text", "finding", "markdown", "plot", "write_report"]

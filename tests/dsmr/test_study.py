@@ -1,0 +1,157 @@
+"""The schedule study end to end on a tiny generated corpus, its resume, its CSV, and its finding text."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("miditok")
+pytest.importorskip("symusic")
+
+from dsmr.study import FAMILY_ROWS, StudyConfig, run_study, study_rows  # noqa: E402
+from dsmr.study_report import CSV_COLUMNS, finding  # noqa: E402
+from tests.dsmr.midi_fixtures import _corpus  # noqa: E402
+
+TINY_MODEL = dict(n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, segment_len=32)
+TWO = "two_scale:long=48,short=8,n_long=1"
+
+
+def _tiny(**over):
+    """The quick study scaled down to the generated corpus: a 2-layer model, 2 steps per row."""
+    base = dict(model=TINY_MODEL, two_scale=TWO, train_tokens=128, batch_lanes=2, krcu_reset_at=32, krcu_window=64,
+                eval_max_tokens=None)
+    return StudyConfig.quick(**{**base, **over})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from dsmr.data import prepare_cache
+
+    root = tmp_path_factory.mktemp("study")
+    _corpus(root / "midis", n=6)
+    return prepare_cache(root / "midis", cache_dir=root / "cache", workers=1, progress=False)
+
+
+def test_rows_cover_every_family_at_two_scales_budget():
+    rows = study_rows(_tiny(), 4, 2)
+    names = [r.key for r in rows]
+    assert names[: len(FAMILY_ROWS)] == [f"{n}-s0" for n in FAMILY_ROWS]
+    assert names[len(FAMILY_ROWS):] == ["full-s1", "two_scale-s1"]
+    by = {r.name: r for r in rows}
+    budget = sum(by["two_scale"].horizons)
+    for name in ("reverse_two_scale", "uniform", "progressive_asc", "progressive_desc", "selective",
+                 "perceiver_ar_like"):
+        assert 0.9 * budget <= sum(by[name].horizons) <= budget, name
+    assert by["progressive_asc"].horizons == by["progressive_desc"].horizons[::-1]
+    assert by["progressive_asc"].horizons[0] < by["progressive_asc"].horizons[-1]
+    assert by["fhcr"].horizons == [None] * 4 and by["fhcr"].n_kv_heads == 1 and by["full"].n_kv_heads is None
+    # --schedule: a family name replaces its row, NAME=SPEC adds one.
+    rows = study_rows(_tiny(schedules=["uniform:m=5", "mine=7,7,0,0", "fhcr:n_kv_heads=2"]), 4, 2)
+    by = {r.name: r for r in rows}
+    assert by["uniform"].horizons == [5] * 4 and by["mine"].horizons == [7, 7, 0, 0] and by["fhcr"].n_kv_heads == 2
+    assert sum(r.name == "uniform" for r in rows) == 1
+    with pytest.raises(ValueError, match="fhcr takes n_kv_heads"):
+        study_rows(_tiny(schedules=["fhcr:heads=1"]), 4, 2)
+
+
+def test_study_resumes_without_retraining_finished_rows(cache, tmp_path):
+    out = tmp_path / "study"
+    done = []
+
+    def kill_after_first(row):
+        done.append(row["schedule"])
+        raise KeyboardInterrupt  # as if the run were killed right after its first row
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(out, _tiny(), data=cache, progress=False, after_row=kill_after_first)
+    first = out / "rows" / "full-s0"
+    stamp = (first / "result.json").stat().st_mtime_ns
+    ckpt_stamp = (first / "best.pt").stat().st_mtime_ns
+    assert done == ["full"] and not (out / "rows" / "two_scale-s0").exists()
+    res = run_study(out, _tiny(), data=cache, progress=False)
+    assert (first / "result.json").stat().st_mtime_ns == stamp and (first / "best.pt").stat().st_mtime_ns == ckpt_stamp
+    log = [ln.split(" ", 1)[1] for ln in (out / "study.log").read_text().splitlines()]
+    assert [ln for ln in log if ln.startswith("full-s0: ")][-1].startswith("full-s0: reused")
+    assert sum(ln.startswith("full-s0: training") for ln in log) == 1
+    assert sum(ln.startswith("two_scale-s0: training") for ln in log) == 1
+    assert len(res["rows"]) == len(FAMILY_ROWS) + 2
+    # Another configuration must not silently reuse these rows.
+    with pytest.raises(ValueError, match="different configuration"):
+        run_study(out, _tiny(train_tokens=256), data=cache, progress=False)
+
+
+def test_cli_study_quick_end_to_end(cache, tmp_path, capsys):
+    from dsmr.cli import main
+
+    conf = tmp_path / "tiny.toml"
+    conf.write_text("[model]\n" + "".join(f"{k} = {v}\n" for k, v in TINY_MODEL.items()) + f'schedule = "{TWO}"\n')
+    out = tmp_path / "quick"
+    code = main(["study", "--quick", "--source", str(cache.path.parent.parent.parent / "midis"),
+                 "--cache-dir", str(cache.path.parent.parent), "--workers", "1", "--config", str(conf),
+                 "--train-tokens", "128", "--batch-lanes", "2", "--reset-at", "32", "--out", str(out),
+                 "--threads", "1", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "Finding" in text and "Seed noise" in text
+    with open(out / "study.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    assert {"schedule", "horizons", "kv_slots", "kv_mib", "val_ppl", "val_nll_per_note", "krcu_auc",
+            "tokens_per_s", "peak_mib"} <= set(reader.fieldnames)
+    assert [r["schedule"] for r in rows] == list(FAMILY_ROWS) + ["full", "two_scale"]
+    assert [r["seed"] for r in rows][-2:] == ["1", "1"]
+    for r in rows:
+        assert float(r["val_ppl"]) > 1 and float(r["val_nll_per_note"]) > 0 and r["krcu_auc"] != ""
+        assert float(r["tokens_per_s"]) > 0 and r["peak_mib"] != ""
+    kv = {r["schedule"]: float(r["kv_mib"]) for r in rows}
+    assert kv["fhcr"] == pytest.approx(kv["full"] / 2) and kv["two_scale"] < kv["full"]
+    assert kv["uniform"] <= kv["two_scale"]
+    # Same seed, same batches: every seed-0 row trained on exactly the same tokens.
+    assert len({r["train_tokens"] for r in rows if r["seed"] == "0"}) == 1
+    md = (out / "study.md").read_text()
+    assert "| fhcr |" in md and "load average" in md and (out / "study.png").stat().st_size > 1000
+    res = json.loads((out / "rows" / "two_scale-s0" / "result.json").read_text())
+    assert res["krcu_pieces"] >= 1 and len(res["krcu_curve"]) >= 1 and res["val_notes"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the finding, from synthetic numbers
+
+
+def _row(name, ppl, kv, seed=0, krcu=0.001, auc=0.5):
+    return {"schedule": name, "seed": seed, "val_ppl": ppl, "kv_mib": kv, "krcu_mean": krcu, "krcu_auc": auc}
+
+
+def test_finding_says_memory_does_not_pay_when_full_is_within_noise():
+    rows = [_row("full", 10.0, 16.0), _row("full", 10.2, 16.0, 1), _row("two_scale", 10.1, 1.4),
+            _row("two_scale", 10.15, 1.4, 1), _row("uniform", 10.25, 1.0), _row("perceiver_ar_like", 11.0, 1.4),
+            _row("fhcr", 9.8, 8.0)]
+    text = finding(rows)
+    assert text[0].startswith("Best validation perplexity (mean over seeds): fhcr (9.800); worst: perceiver_ar_like")
+    assert "full's 2 seeds differ by 0.200" in text[1] and "differences up to 0.200 are within" in text[1]
+    versus = next(s for s in text if s.startswith("Against full memory"))
+    assert "within the noise: two_scale (+0.025), uniform (+0.150)" in versus
+    assert "worse beyond the noise: perceiver_ar_like (+0.900)" in versus
+    assert "better beyond the noise: fhcr (-0.300)" in versus
+    memory = next(s for s in text if "pay" in s)
+    assert memory.startswith("Memory does not pay at this scale") and "uniform (1.00 MiB)" in memory
+    assert "within the seed noise (0.200)" in memory
+    assert any("FHCR keeps the full horizon in 50% of full memory's KV bytes" in s for s in text)
+    assert any("no schedule makes measurable use of the context before R" in s for s in text)
+
+
+def test_finding_says_memory_pays_when_full_beats_the_noise():
+    rows = [_row("full", 9.0, 16.0, krcu=0.2, auc=80.0), _row("full", 9.1, 16.0, 1, krcu=0.2, auc=82.0),
+            _row("two_scale", 10.0, 1.4, auc=10.0), _row("two_scale", 10.05, 1.4, 1, auc=11.0),
+            _row("uniform", 10.2, 1.4)]
+    text = finding(rows)
+    memory = next(s for s in text if "pay" in s)
+    assert memory.startswith("Memory pays at this scale") and "vs two_scale (1.40 MiB)" in memory and "a gain of 0.975" in memory
+    assert "worse beyond the noise: two_scale (+0.975), uniform (+1.150)" in next(
+        s for s in text if s.startswith("Against full"))
+    krcu = next(s for s in text if s.startswith("KRCU"))
+    assert "largest NLL increase after R is full's" in krcu and "beyond that noise" in krcu
+    assert "no schedule makes measurable use" not in krcu
+    single = finding([_row("full", 9.0, 16.0), _row("uniform", 9.5, 1.0)])
+    assert "one seed only" in single[1]
