@@ -153,6 +153,9 @@ def test_eval_prints_perplexity_and_buckets(workspace, trained, capsys, tmp_path
     assert res["tokens"] == n == sum(len(p) + 1 for p in pieces) and res["pieces"] == len(pieces)
     assert res["ppl"] == pytest.approx(math.exp(total / n), rel=1e-5)
     assert f"perplexity {math.exp(total / n):.3f}" in out
+    # NLL per note: the same total over the notes of the test files, counted in the MIDI files themselves
+    notes = sum(len(t.notes) for name in cache.names("test") for t in symusic.Score(str(midis / name)).tracks)
+    assert res["notes"] == notes and f"NLL per note {total / notes:.4f}" in out
 
 
 def test_diagnose_writes_plot(workspace, trained, capsys, tmp_path):
