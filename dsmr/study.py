@@ -200,9 +200,21 @@ def study_rows(cfg: StudyConfig, n_layers: int, n_kv_heads: int) -> List[Row]:
 # one row
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc), so a block's RSS growth is its own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the baseline may then include reusable memory
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block in MiB: CUDA's allocator peak, or on CPU the peak resident set size
-    above its level at entry, sampled every 20 ms by a thread (psutil)."""
+    above its level at entry (after freed memory is handed back), sampled every 20 ms (psutil)."""
 
     def __init__(self, device: torch.device):
         self.device, self.peak_mib = device, None
@@ -214,6 +226,7 @@ class PeakMemory:
             return self
         import psutil
 
+        _release_freed_memory()
         self._proc, self._stop = psutil.Process(os.getpid()), threading.Event()
         self._base = self._peak = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -262,7 +275,8 @@ class _StepClock:
 
 
 def _crop(pieces, max_tokens: Optional[int]):
-    return list(pieces) if max_tokens is None else [p[:max_tokens] for p in pieces]
+    """The first ``max_tokens - 1`` ids of each piece: with the EOS, ``max_tokens`` targets."""
+    return list(pieces) if max_tokens is None else [p[: max(1, max_tokens - 1)] for p in pieces]
 
 
 def _train_row(row: Row, model_cfg: DSMRConfig, cfg: StudyConfig, corpus: dict, folder: Path,
@@ -307,6 +321,7 @@ def _measure_row(row: Row, model_cfg: DSMRConfig, cfg: StudyConfig, corpus: dict
     return {
         "best_step": info["step"], "val_ppl": ev["ppl"], "val_nll": ev["nll"],
         "val_nll_per_note": ev["nll_per_note"], "val_tokens": ev["tokens"], "val_notes": ev["notes"],
+        "val_pieces": ev["pieces"],
         "buckets": {k: b["nll"] for k, b in ev["buckets"].items() if b["tokens"]},
         "krcu_auc": krcu["auc"], "krcu_mean": krcu["mean_increase"], "krcu_pieces": len(krcu["pieces"]),
         "krcu_buckets": {k: b["mean_increase"] for k, b in krcu["buckets"].items()},

@@ -216,8 +216,9 @@ def _config_lines(meta: dict, rows: Sequence[dict]) -> List[str]:
         f"schedule of one seed; budget {c['train_tokens']:,} lane slots), lr {c['lr']} (warmup {c['warmup_steps']}, "
         f"cosine to {c['min_lr']}), {c['evals']} validations, best checkpoint by validation perplexity",
         f"- seeds: {c['seed']} for every row; {c['noise_seeds']} seeds for {', '.join(c['noise_rows'])}",
-        f"- validation: {'all' if c['eval_max_pieces'] is None else c['eval_max_pieces']} pieces, "
-        f"{'whole' if c['eval_max_tokens'] is None else 'first %d tokens of each' % c['eval_max_tokens']}; "
+        f"- validation: {rows[0].get('val_pieces', '?') if rows else '?'} piece(s), "
+        f"{'whole' if c['eval_max_tokens'] is None else 'the first %d targets of each' % c['eval_max_tokens']} "
+        f"({rows[0].get('val_tokens', '?') if rows else '?'} tokens); "
         f"NLL per note = a piece's total NLL / its notes (Pitch and PitchDrum tokens), pooled",
         f"- KRCU: memory of every layer wiped at R = {c['krcu_reset_at']}, increase over the next "
         f"{c['krcu_window']} tokens, averaged over {rows[0].get('krcu_pieces') if rows else '?'} pieces of "
