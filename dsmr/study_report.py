@@ -125,6 +125,19 @@ def _fhcr(groups, ppl, noise) -> Optional[str]:
             f"{ppl['fhcr']:.3f} is {d:+.3f} from full's, {verdict}.")
 
 
+def _by_position(groups, a: str = "two_scale", b: str = "full") -> Optional[str]:
+    """Where ``a``'s NLL per token differs from ``b``'s, by position bucket (seed means)."""
+    if a not in groups or b not in groups:
+        return None
+    labels = [k for k in groups[b][0].get("buckets", {}) if all(k in r.get("buckets", {}) for r in groups[a] + groups[b])]
+    if not labels:
+        return None
+    diffs = [float(np.mean([r["buckets"][k] for r in groups[a]]) - np.mean([r["buckets"][k] for r in groups[b]]))
+             for k in labels]
+    parts = ", ".join(f"{d:+.4f} at {k}" for k, d in zip(labels, diffs))
+    return f"By position in the piece, {a}'s NLL per token minus {b}'s is {parts} (nats/token, seed means)."
+
+
 def _krcu(groups) -> Optional[str]:
     mean = {k: _mean(rs, "krcu_mean") for k, rs in groups.items()}
     auc = {k: _mean(rs, "krcu_auc") for k, rs in groups.items()}
@@ -165,7 +178,7 @@ def finding(rows: Sequence[dict]) -> List[str]:
     out = [f"Best validation perplexity (mean over seeds): {best} ({ppl[best]:.3f}); worst: {worst} "
            f"({ppl[worst]:.3f}), {ppl[worst] - ppl[best]:.3f} apart.", _noise_sentence(groups, noise)]
     for s in (_against_full(groups, ppl, noise), _memory_pays(groups, ppl, noise), _fhcr(groups, ppl, noise),
-              _krcu(groups)):
+              _by_position(groups), _krcu(groups)):
         if s:
             out.append(s)
     return out
@@ -229,7 +242,8 @@ def _config_lines(meta: dict, rows: Sequence[dict]) -> List[str]:
         f"{meta.get('started_at')}, ended {meta.get('ended_at')}; load average (1/5/15 min) {meta.get('load_start')} "
         f"at the start, {meta.get('load_end')} at the end. Throughput and peak memory are distorted by other "
         f"processes' load when the load exceeds the CPU count; quality columns are not. Peak MiB on CPU is the "
-        f"resident-set growth during the row's training.",
+        f"resident-set growth during the row's training (the first row's also holds the process's one-time "
+        f"allocations).",
     ]
 
 

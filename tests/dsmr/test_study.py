@@ -153,5 +153,9 @@ def test_finding_says_memory_pays_when_full_beats_the_noise():
     krcu = next(s for s in text if s.startswith("KRCU"))
     assert "largest NLL increase after R is full's" in krcu and "beyond that noise" in krcu
     assert "no schedule makes measurable use" not in krcu
+    rows[0]["buckets"], rows[1]["buckets"] = {"1-1k": 4.0, "1k-4k": 3.0}, {"1-1k": 4.2, "1k-4k": 3.0}
+    rows[2]["buckets"], rows[3]["buckets"] = {"1-1k": 4.1, "1k-4k": 3.5}, {"1-1k": 4.1, "1k-4k": 3.7}
+    position = next(s for s in finding(rows) if s.startswith("By position"))
+    assert "two_scale's NLL per token minus full's is +0.0000 at 1-1k, +0.6000 at 1k-4k" in position
     single = finding([_row("full", 9.0, 16.0), _row("uniform", 9.5, 1.0)])
     assert "one seed only" in single[1]
