@@ -152,8 +152,8 @@ def _krcu(groups) -> Optional[str]:
         text += f"; the seeds' areas differ by up to {noise:.2f}"
         if "full" in auc and "two_scale" in auc:
             d = auc["full"] - auc["two_scale"]
-            text += (f", and full's area exceeds two_scale's by {d:.2f}, "
-                     + ("beyond" if d > noise else "within") + " that noise")
+            text += (f", and full's area minus two_scale's is {d:+.2f}, "
+                     + ("beyond" if abs(d) > noise else "within") + " that noise")
     text += "."
     if max(abs(v) for v in mean.values()) < KRCU_FLOOR:
         text += (f" Every schedule's increase stays below {KRCU_FLOOR} nats/token: no schedule makes measurable "

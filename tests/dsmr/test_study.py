@@ -151,7 +151,10 @@ def test_finding_says_memory_pays_when_full_beats_the_noise():
     assert "worse beyond the noise: two_scale (+0.975), uniform (+1.150)" in next(
         s for s in text if s.startswith("Against full"))
     krcu = next(s for s in text if s.startswith("KRCU"))
-    assert "largest NLL increase after R is full's" in krcu and "beyond that noise" in krcu
+    assert "largest NLL increase after R is full's" in krcu and "minus two_scale's is +70.50, beyond that noise" in krcu
+    for r in rows[:2]:  # full's area far below two_scale's is beyond the noise too
+        r["krcu_auc"] = -r["krcu_auc"]
+    assert "minus two_scale's is -91.50, beyond that noise" in next(s for s in finding(rows) if s.startswith("KRCU"))
     assert "no schedule makes measurable use" not in krcu
     rows[0]["buckets"], rows[1]["buckets"] = {"1-1k": 4.0, "1k-4k": 3.0}, {"1-1k": 4.2, "1k-4k": 3.0}
     rows[2]["buckets"], rows[3]["buckets"] = {"1-1k": 4.1, "1k-4k": 3.5}, {"1-1k": 4.1, "1k-4k": 3.7}
