@@ -21,137 +21,66 @@ uses to rebuild the probabilities; the public op returns it times ln 2.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Read once, at import: TRITON_INTERPRET decides how @triton.jit functions are built.
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Autotuning benchmarks configs with a GPU driver; the interpreter has none.
-AUTOTUNE = (not INTERPRETING) and torch.cuda.is_available()
-
-LN2 = 0.6931471805599453
-
-# Interpreter block sizes. Each program is simulated op by op in numpy at ~1 ms per launch plus a
-# per-op cost, so few large programs are much faster than many small ones. Tests may patch these
-# (smaller, unequal blocks exercise the block-range arithmetic).
-INTERPRET_META = {
-    "fwd": {"BLOCK_M": 64, "BLOCK_N": 64},
-    "dkdv": {"BLOCK_M": 64, "BLOCK_N": 64},
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 64},
-}
-
-
-def launch_meta(kernel: str) -> dict:
-    """Block sizes to pass at launch: none when autotuning (the autotuner picks), else fixed."""
-    return {} if AUTOTUNE else dict(INTERPRET_META[kernel])
-
-
-def maybe_autotune(configs, key):
-    """``triton.autotune(configs, key)`` on a GPU; identity in the interpreter (no driver to time with)."""
-    if AUTOTUNE:
-        return triton.autotune(configs=configs, key=key)
-    return lambda fn: fn
-
-
-def size_bucket(n: int) -> int:
-    """Autotune key for a length: the next power of two, so a growing memory does not retune every call."""
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared @triton.jit helpers (the backward imports them too).
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """``acc + a @ b`` accumulated in fp32.
-
-    UPCAST: the interpreter's dot is numpy matmul, which reads bfloat16 storage as raw uint16 and
-    returns garbage, so operands are widened to fp32 first (exact, since bf16/fp16 embed in fp32).
-    FP32_IEEE: fp32 inputs would silently get TF32 (10-bit mantissa) on NVIDIA tensor cores;
-    the op promises fp32 accuracy for fp32 input, so ask for IEEE fp32.
-    """
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    if FP32_IEEE:
-        out = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc)
-    return out
-
-
-@triton.jit
-def _memory_blocks(M, mem_lo, q_first, q_last, window, BLOCK_N: tl.constexpr):
-    """Memory key-block range for query rows ``[q_first, q_last]`` (segment positions).
-
-    Memory blocks start at ``M - k * BLOCK_N`` (right-aligned). Returns ``(lo, mid)``: blocks in
-    ``[lo, mid)`` are partly visible (mem_len edge, window edge, or negative slots) and need masks;
-    blocks in ``[mid, M)`` are visible to every row and run unmasked. Blocks left of ``lo`` are
-    invisible to every row and are skipped. ``mem_lo = M - mem_len[b]`` is the first valid slot.
-    Query ``i`` sits at key index ``M + i`` and sees memory slot ``j`` iff ``M + i - j < window``.
-    """
-    need_lo = tl.maximum(mem_lo, M + q_first - window + 1)  # first slot any row sees
-    full_lo = tl.maximum(mem_lo, M + q_last - window + 1)  # first slot every row sees
-    n_need = tl.cdiv(tl.maximum(M - need_lo, 0), BLOCK_N)
-    n_full = tl.maximum(M - full_lo, 0) // BLOCK_N
-    return M - n_need * BLOCK_N, M - n_full * BLOCK_N
-
-
-@triton.jit
-def _segment_blocks(q_first, q_last, window, BLOCK_N: tl.constexpr):
-    """Segment key-block range for query rows ``[q_first, q_last]``; ``q_first % BLOCK_N == 0``.
-
-    Returns ``(lo, mid_lo, mid_hi, hi)``: masked ``[lo, mid_lo)`` (window edge), unmasked
-    ``[mid_lo, mid_hi)``, masked ``[mid_hi, hi)`` (the causal diagonal). Keys left of ``lo`` are
-    outside every row's window and are skipped; keys from ``hi`` on are in every row's future.
-    """
-    lo = tl.maximum(q_first - window + 1, 0) // BLOCK_N * BLOCK_N
-    full_lo = tl.cdiv(tl.maximum(q_last - window + 1, 0), BLOCK_N) * BLOCK_N
-    # A block ending at or before q_first is in the past of every row (causally full).
-    mid_hi = q_first
-    mid_lo = tl.minimum(full_lo, mid_hi)
-    return lo, mid_lo, mid_hi, q_last + 1
-
-
-# ----------------------------------------------------------------------------------------------
-# Forward.
-# ----------------------------------------------------------------------------------------------
+from .triton_common import (  # noqa: F401  (INTERPRET_META/LN2 re-exported for old imports)
+    INTERPRET_META,
+    INTERPRETING,
+    LN2,
+    _kv_block,
+    _memory_blocks,
+    _mma,
+    _nth_block,
+    _segment_blocks,
+    launch_meta,
+    maybe_autotune,
+    size_bucket,
+)
 
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q,  #
-                    K, V, stride_kn, stride_kd, stride_vn, stride_vd,  #
-                    lo, hi, key_lo, key_hi, q_pos, qk_scale, window,  #
+                    K, V, MemK, MemV,  #
+                    stride_ks, stride_kd, stride_vs, stride_vd,  #
+                    stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
+                    n_blocks, n1, n2, start1, start2, start3,  #
+                    M, key_lo, key_hi, row_lo, row_hi, qk_scale,  #
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,  #
                     UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """Online-softmax update over key blocks ``[lo, hi)`` of one KV tensor (memory or segment).
+    """Online-softmax update over ``n_blocks`` key blocks (up to three ranges, see ``_nth_block``).
 
-    ``q_pos`` (BLOCK_M,) is each query row's position in this tensor's key coordinates; a row
-    sees key ``j`` iff ``key_lo <= j < key_hi``, ``j <= q_pos`` and ``q_pos - j < window``.
-    With ``MASKED=False`` the caller guarantees all of that for every (row, key) pair.
+    Keys live in the joint index space of ``triton_common``: a block starting below ``M`` reads
+    the memory tensors, one starting at ``M + s`` reads segment row ``s``. Row ``r`` sees key
+    ``J`` iff ``row_lo[r] <= J <= row_hi[r]``; keys outside ``[key_lo, key_hi)`` are never loaded
+    (invalid slots may hold NaN/inf garbage; out-of-bounds loads are silent). With
+    ``MASKED=False`` the caller guarantees every row sees every key of every block.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_key = start_n + offs_n
-        kT_ptrs = K + offs_key[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
-        v_ptrs = V + offs_key[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
-        # -- compute qk ----
+    # Masked ranges are a few edge blocks: software-pipelining them buys nothing and costs
+    # registers and shared memory, so only the unmasked interior is pipelined.
+    for t in tl.range(0, n_blocks, num_stages=1 if MASKED else None):
+        j0 = _nth_block(t, n1, n2, start1, start2, start3, BLOCK_N)
+        in_mem = j0 < M
+        k_blk = _kv_block(MemK, K, j0, M, stride_mks, stride_ks)
+        v_blk = _kv_block(MemV, V, j0, M, stride_mvs, stride_vs)
+        s_kn = tl.where(in_mem, stride_mks, stride_ks)
+        s_kd = tl.where(in_mem, stride_mkd, stride_kd)
+        s_vn = tl.where(in_mem, stride_mvs, stride_vs)
+        s_vd = tl.where(in_mem, stride_mvd, stride_vd)
+        k_ptrs = k_blk + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd  # (BLOCK_N, D)
+        v_ptrs = v_blk + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd  # (BLOCK_N, D)
         if MASKED:
-            # Out-of-bounds loads are silent, so the slot range doubles as the load mask.
+            offs_key = j0 + offs_n
             in_range = (offs_key >= key_lo) & (offs_key < key_hi)
-            kT = tl.load(kT_ptrs, mask=in_range[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
         else:
-            kT = tl.load(kT_ptrs)
-        qk = _mma(q, kT, None, UPCAST, FP32_IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            k = tl.load(k_ptrs)
+        qk = _mma(q, tl.trans(k), None, UPCAST, FP32_IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            visible = in_range[None, :] & (offs_key[None, :] <= q_pos[:, None]) \
-                & (q_pos[:, None] - offs_key[None, :] < window)
+            visible = (offs_key[None, :] >= row_lo[:, None]) & (offs_key[None, :] <= row_hi[:, None])
             qk = tl.where(visible, qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
@@ -162,10 +91,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
             m_sub = m_ij
         p = tl.math.exp2(qk - m_sub[:, None])
         l_ij = tl.sum(p, 1)
-        # -- update m_i and l_i
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + l_ij
-        # -- update output accumulator --
         acc = acc * alpha[:, None]
         if MASKED:
             v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
@@ -232,29 +159,28 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)
 
-    # stage 1: memory (all of it is in every row's causal past)
+    # Key blocks in the joint index space (memory [0, M), segment [M, M + S)): the edge blocks
+    # (mem_len / window edges, the causal diagonal) in one masked loop, the fully visible ones in
+    # one unmasked loop.
     mem_lo_blk, mem_mid = _memory_blocks(M, mem_lo, start_m, q_last, window, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, mk_base, mv_base,  #
-                                    stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
-                                    mem_lo_blk, mem_mid, mem_lo, M, M + offs_m, qk_scale, window,  #
-                                    BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, mk_base, mv_base,  #
-                                    stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
-                                    mem_mid, M, mem_lo, M, M + offs_m, qk_scale, window,  #
-                                    BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
-    # stage 2: segment -- window edge (masked), fully visible (unmasked), diagonal (masked)
     lo, mid_lo, mid_hi, hi = _segment_blocks(start_m, q_last, window, BLOCK_N)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,  #
+    n_mem_edge = (mem_mid - mem_lo_blk) // BLOCK_N
+    n_win_edge = (mid_lo - lo) // BLOCK_N
+    n_edge = n_mem_edge + n_win_edge + tl.cdiv(hi - mid_hi, BLOCK_N)
+    n_mem_full = (M - mem_mid) // BLOCK_N
+    n_full = n_mem_full + (mid_hi - mid_lo) // BLOCK_N
+    row_lo = tl.maximum(mem_lo, M + offs_m - window + 1)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mk_base, mv_base,  #
                                     stride_ks, stride_kd, stride_vs, stride_vd,  #
-                                    lo, mid_lo, 0, S, offs_m, qk_scale, window,  #
-                                    BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,  #
-                                    stride_ks, stride_kd, stride_vs, stride_vd,  #
-                                    mid_lo, mid_hi, 0, S, offs_m, qk_scale, window,  #
+                                    stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
+                                    n_full, n_mem_full, n_full, mem_mid, M + mid_lo, 0,  #
+                                    M, mem_lo, M + S, row_lo, M + offs_m, qk_scale,  #
                                     BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base,  #
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mk_base, mv_base,  #
                                     stride_ks, stride_kd, stride_vs, stride_vd,  #
-                                    mid_hi, hi, 0, S, offs_m, qk_scale, window,  #
+                                    stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
+                                    n_edge, n_mem_edge, n_win_edge, mem_lo_blk, M + lo, M + mid_hi,  #
+                                    M, mem_lo, M + S, row_lo, M + offs_m, qk_scale,  #
                                     BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
 
     # epilogue: padding rows past S may have seen no key (l = 0); keep them finite, they are not stored

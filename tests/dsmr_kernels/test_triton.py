@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsmr_kernels import segment_memory_attention, segment_memory_attention_ref
-from dsmr_kernels import triton_fwd
+from dsmr_kernels import triton_common
 from dsmr_kernels.testing import assert_close_to_golden, forward_backward, make_inputs
 
 # On a machine with a CUDA GPU, `TRITON_INTERPRET=0 pytest tests/dsmr_kernels` runs the compiled
@@ -153,7 +153,7 @@ SMALL_BLOCKS = {
     ids=_case_id,
 )
 def test_many_blocks_small_unequal_tiles(case, monkeypatch):
-    monkeypatch.setattr(triton_fwd, "INTERPRET_META", SMALL_BLOCKS)
+    monkeypatch.setattr(triton_common, "INTERPRET_META", SMALL_BLOCKS)
     _check_against_golden(*case)
 
 
