@@ -6,12 +6,21 @@ FlexAttention's ``_validate_*`` helpers. All backends call :func:`validate_input
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# What the Triton kernels compile for; ``backend="auto"`` sends anything else to the torch path.
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+#: Check ``mem_len``'s range for GPU tensors too (a host sync per call; for debugging).
+#: Set ``DSMR_CHECK_MEM_LEN=1`` or assign this attribute.
+CHECK_DEVICE_MEM_LEN: bool = os.environ.get("DSMR_CHECK_MEM_LEN", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,10 @@ def validate_inputs(
             raise ValueError(f"mem_len must be an integer tensor, got {mem_len.dtype}")
         if mem_len.device != q.device:
             raise ValueError(f"mem_len is on {mem_len.device} but q is on {q.device}")
-        if B > 0:
+        # Reading values back is a device-to-host sync: per layer per step on a GPU, illegal under
+        # CUDA-graph capture and a graph break for torch.compile. So the range is checked on the
+        # host only for CPU tensors (or on request); the Triton kernels clamp mem_len to [0, M].
+        if B > 0 and (mem_len.device.type == "cpu" or CHECK_DEVICE_MEM_LEN):
             lo, hi = int(mem_len.min()), int(mem_len.max())
             if lo < 0 or hi > M:
                 raise ValueError(

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ._validate import validate_inputs
+from ._validate import TRITON_DTYPES, TRITON_HEAD_DIMS, validate_inputs
 from .reference import segment_memory_attention_ref
 
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -17,13 +17,31 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto"`` to a concrete backend for tensors on ``device``."""
+def resolve_backend(
+    backend: str,
+    device: torch.device,
+    dtype: Optional[torch.dtype] = None,
+    head_dim: Optional[int] = None,
+) -> str:
+    """Map ``"auto"`` to a concrete backend for a call on ``device`` in ``dtype`` with ``head_dim``.
+
+    ``auto`` picks Triton only for CUDA tensors the kernels support (head dim 16/32/64/128;
+    fp16, bf16, fp32) when Triton is importable; everything else -- other head dims such as 80 or
+    96, float64, CPU, ``mps`` and other devices -- takes the torch path (the fused CPU kernels
+    on CPU, public SDPA elsewhere), so a config that runs on CPU also runs on a GPU.
+    An explicit backend is returned as is (and raises later if it cannot run the call).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_importable() else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if device.type != "cuda" or not triton_importable():
+        return "torch"
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        return "torch"
+    if head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
+        return "torch"
+    return "triton"
 
 
 def segment_memory_attention(
@@ -58,7 +76,8 @@ def segment_memory_attention(
         mem_len: ``(B,)`` int tensor, valid slots per lane in ``[0, M]``; None = all valid.
         scale: softmax scale, default ``D ** -0.5``.
         window: optional sliding-window length (>= 1).
-        backend: ``"auto"`` (Triton for CUDA tensors when importable, else torch), ``"torch"``
+        backend: ``"auto"`` (Triton for CUDA tensors whose dtype and head dim the kernels support,
+            when importable; else torch), ``"torch"``
             (fused CPU/any-device path), ``"triton"`` (GPU kernels; CPU only under
             ``TRITON_INTERPRET=1``) or ``"reference"``.
         return_lse: also return the log-sum-exp ``(B, H, S)`` in fp32 (no gradient flows through
@@ -67,7 +86,10 @@ def segment_memory_attention(
     Returns:
         ``out`` ``(B, H, S, D)`` in q's dtype, or ``(out, lse)``. Gradients flow to q, k, v.
     """
-    chosen = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+    if isinstance(q, torch.Tensor):
+        chosen = resolve_backend(backend, q.device, q.dtype, q.shape[-1] if q.dim() > 0 else None)
+    else:  # validation below names the problem
+        chosen = resolve_backend(backend, torch.device("cpu"))
     if chosen == "reference":
         return segment_memory_attention_ref(
             q, k, v, mem_k, mem_v, mem_len, scale=scale, window=window, return_lse=return_lse

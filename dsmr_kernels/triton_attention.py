@@ -14,12 +14,13 @@ from typing import Optional
 
 import torch
 
+from ._validate import TRITON_DTYPES as SUPPORTED_DTYPES
+from ._validate import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from ._validate import OpDims
 from .triton_bwd import attention_backward
-from .triton_fwd import INTERPRETING, LN2, attention_forward
+from .triton_common import INTERPRETING, LN2
+from .triton_fwd import attention_forward
 
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check_supported(q: torch.Tensor, dims: OpDims) -> None:

@@ -8,12 +8,14 @@ With ``P = exp2(scale * log2(e) * Q K^T - lse2)`` rebuilt from the forward's log
 
 Each output block is owned by exactly one program, so every gradient is a plain store:
 
-* ``_attn_bwd_dkdv``: one program per (segment key block, lane, kv head); it loops over the G
-  query heads of its GQA group and, for each, over the query blocks that can see the key block
-  (from the diagonal up to the end of the window). Memory keys get no gradient (detached state),
-  so there is no memory key loop here.
-* ``_attn_bwd_dq``: one program per (query block, lane, query head); it loops over the memory
-  and segment key blocks exactly like the forward, with the same masked/unmasked split.
+* ``_attn_bwd_dkdv``: one program per (segment key block, lane, kv head); it walks the query
+  blocks that can see the key block (from the diagonal up to the end of the window) of all G
+  query heads of its GQA group as ONE flat loop over (head, block) pairs -- a nested loop over a
+  runtime G measured 255 registers and spills at D=64 on sm_90. Memory keys get no gradient
+  (detached state), so there is no memory key loop here.
+* ``_attn_bwd_dq``: one program per (query block, lane, query head); it walks the memory and
+  segment key blocks exactly like the forward: one masked loop over the edge blocks, one
+  unmasked loop over the rest, in the joint key index space of ``triton_common``.
 """
 from __future__ import annotations
 
@@ -21,12 +23,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import (
+from .triton_common import (
     INTERPRETING,
+    _kv_block,
     _memory_blocks,
     _mma,
+    _nth_block,
     _segment_blocks,
+    pickable,
     launch_meta,
+    make_prune,
     maybe_autotune,
     size_bucket,
 )
@@ -55,32 +61,41 @@ def _attn_bwd_preprocess(O, DO, Delta,  #
     tl.store(Delta + off_bh.to(tl.int64) * S + offs_m, delta, mask=row_ok)
 
 
-# The main inner loop for dK and dV: one segment key block against query blocks [lo, hi).
+# The main inner loop for dK and dV: one segment key block against (head, query block) pairs.
 @triton.jit
 def _attn_bwd_dkdv_inner(dk, dv, k, v,  #
                          Q, DO, Lse2, Delta,  #
-                         stride_qs, stride_qd, stride_dos, stride_dod,  #
-                         start_n, lo, hi, S, qk_scale, window,  #
+                         stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod,  #
+                         first_h, n_per_head, n_total, n1, start1, start2,  #
+                         start_n, S, qk_scale, window,  #
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
                          MASKED: tl.constexpr, UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """Accumulate ``dk, dv`` (BLOCK_N, D) fp32 over query blocks ``[lo, hi)`` of one query head.
+    """Accumulate ``dk, dv`` (BLOCK_N, D) fp32 over ``n_total`` (query head, query block) pairs.
 
-    Works on transposed tiles (keys on rows) so dK and dV come out without a final transpose.
-    With ``MASKED=False`` every query row of every block sees every key of the block.
+    Pair ``t`` is query head ``first_h + t // n_per_head`` and its ``(t % n_per_head)``-th block
+    of two ranges (``n1`` blocks from ``start1``, the rest from ``start2``). ``Q``/``DO`` point at
+    this lane's first query head, ``Lse2``/``Delta`` at this lane's rows. Works on transposed
+    tiles (keys on rows) so dK and dV come out without a final transpose. With ``MASKED=False``
+    every query row of every block sees every key of the block.
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_m in range(lo, hi, BLOCK_M):
+    for t in tl.range(0, n_total, num_stages=1 if MASKED else None):
+        h = first_h + t // n_per_head
+        start_m = _nth_block(t % n_per_head, n1, n_per_head, start1, start2, start2, BLOCK_M)
+        h64 = h.to(tl.int64)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        qT_ptrs = Q + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd  # (D, BLOCK_M)
-        do_ptrs = DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod  # (BLOCK_M, D)
+        row = h64 * S + start_m
+        qT_ptrs = Q + h64 * stride_qh + offs_m[None, :] * stride_qs + offs_d[:, None] * stride_qd  # (D, BLOCK_M)
+        do_ptrs = DO + h64 * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod
+        rows = tl.arange(0, BLOCK_M)
         if MASKED:
             row_ok = offs_m < S
             qT = tl.load(qT_ptrs, mask=row_ok[None, :], other=0.0)
-            lse2 = tl.load(Lse2 + offs_m, mask=row_ok, other=0.0)
+            lse2 = tl.load(Lse2 + row + rows, mask=row_ok, other=0.0)
         else:
             qT = tl.load(qT_ptrs)
-            lse2 = tl.load(Lse2 + offs_m)
+            lse2 = tl.load(Lse2 + row + rows)
         # -- recompute P^T from the saved LSE (log2 units) ----
         qkT = _mma(k, qT, None, UPCAST, FP32_IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
         arg = qkT - lse2[None, :]
@@ -93,10 +108,10 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  #
         pT = tl.math.exp2(arg)
         if MASKED:
             do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(Delta + row + rows, mask=row_ok, other=0.0)
         else:
             do = tl.load(do_ptrs)
-            delta = tl.load(Delta + offs_m)
+            delta = tl.load(Delta + row + rows)
         # -- dV += P^T dO ----
         dv = _mma(pT.to(do.dtype), do, dv, UPCAST, FP32_IEEE)
         # -- dS^T = P^T * (dP^T - delta) ----
@@ -107,15 +122,38 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  #
     return dk, dv
 
 
-_DKDV_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+_DKDV_CONFIGS_16 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4 if bn == 64 else 8, num_stages=s)
     for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128))
-    for w in (4, 8)
     for s in (2, 3)
 ]
+# fp32 (IEEE FMA dots, see triton_fwd): small tiles; 16x32 with 4 warps spilled at D=64.
+_DKDV_CONFIGS_32 = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+]
+_DKDV_CONFIGS = _DKDV_CONFIGS_16 + _DKDV_CONFIGS_32
 
 
-@maybe_autotune(_DKDV_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "G"])
+def dkdv_smem(cfg, head_dim: int, elt: int) -> int:
+    """Upper bound on dK/dV's shared memory: q and dO tiles per stage, plus k and v."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return elt * head_dim * (2 * bm * cfg.num_stages + 2 * bn) + 2048
+
+
+def _dkdv_regs_ok(cfg, head_dim: int, elt: int) -> bool:
+    return True
+
+
+def dkdv_configs(head_dim: int, elt: int, smem_limit: int) -> list:
+    """The dK/dV configs the autotuner may pick for this head dim / element size / card."""
+    configs = _DKDV_CONFIGS_32 if elt == 4 else _DKDV_CONFIGS_16
+    return pickable(configs, head_dim, elt, smem_limit, dkdv_smem, _dkdv_regs_ok)
+
+
+@maybe_autotune(_DKDV_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "G"],
+                prune_configs_by={"early_config_prune": make_prune(dkdv_configs)})
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, Lse2, Delta, DK, DV,  #
                    sm_scale, window,  #
@@ -161,26 +199,25 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse2, Delta, DK, DV,  #
     full_hi = tl.minimum(S, start_n + window) // BLOCK_M * BLOCK_M
     mid_hi = tl.maximum(tl.minimum(full_hi, hi), mid_lo)
 
-    for g in range(G):  # the query heads of this kv head's group
-        off_h = off_hk * G + g
-        q_base = Q + b64 * stride_qb + off_h.to(tl.int64) * stride_qh
-        do_base = DO + b64 * stride_dob + off_h.to(tl.int64) * stride_doh
-        row_base = (b64 * H + off_h) * S
-        # diagonal blocks (masked)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,  #
-                                      stride_qs, stride_qd, stride_dos, stride_dod,  #
-                                      start_n, start_n, mid_lo, S, qk_scale, window,  #
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
-        # fully visible blocks (unmasked)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,  #
-                                      stride_qs, stride_qd, stride_dos, stride_dod,  #
-                                      start_n, mid_lo, mid_hi, S, qk_scale, window,  #
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
-        # window edge and the ragged tail past S (masked)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, Lse2 + row_base, Delta + row_base,  #
-                                      stride_qs, stride_qd, stride_dos, stride_dod,  #
-                                      start_n, mid_hi, hi, S, qk_scale, window,  #
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
+    # Per head: the diagonal [start_n, mid_lo) and the window edge / ragged tail [mid_hi, hi)
+    # are masked, [mid_lo, mid_hi) is not; each walked for all G heads of the group in one loop.
+    n_diag = tl.cdiv(mid_lo - start_n, BLOCK_M)
+    n_edge = n_diag + tl.cdiv(hi - mid_hi, BLOCK_M)
+    n_inner = (mid_hi - mid_lo) // BLOCK_M
+    q_lane = Q + b64 * stride_qb
+    do_lane = DO + b64 * stride_dob
+    row_lane = b64 * H * S
+    first_h = off_hk * G
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_lane, do_lane, Lse2 + row_lane, Delta + row_lane,  #
+                                  stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod,  #
+                                  first_h, n_inner, G * n_inner, n_inner, mid_lo, mid_lo,  #
+                                  start_n, S, qk_scale, window,  #
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_lane, do_lane, Lse2 + row_lane, Delta + row_lane,  #
+                                  stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod,  #
+                                  first_h, n_edge, G * n_edge, n_diag, start_n, mid_hi,  #
+                                  start_n, S, qk_scale, window,  #
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
 
     dk *= sm_scale
     dk_ptrs = DK + b64 * stride_dkb + off_hk.to(tl.int64) * stride_dkh \
@@ -191,51 +228,84 @@ def _attn_bwd_dkdv(Q, K, V, DO, Lse2, Delta, DK, DV,  #
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
 
-# The main inner loop for dQ: one query block against key blocks [lo, hi) of one KV tensor.
+# The main inner loop for dQ: one query block against key blocks of the joint key space.
 @triton.jit
 def _attn_bwd_dq_inner(dq, q, do, lse2, delta,  #
-                       K, V, stride_kn, stride_kd, stride_vn, stride_vd,  #
-                       lo, hi, key_lo, key_hi, q_pos, qk_scale, window,  #
+                       K, V, MemK, MemV,  #
+                       stride_ks, stride_kd, stride_vs, stride_vd,  #
+                       stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
+                       n_blocks, n1, n2, start1, start2, start3,  #
+                       M, key_lo, key_hi, row_lo, row_hi, qk_scale,  #
                        BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,  #
                        UPCAST: tl.constexpr, FP32_IEEE: tl.constexpr):
-    """Accumulate ``dq`` (BLOCK_M, D) fp32; visibility as in ``_attn_fwd_inner``."""
+    """Accumulate ``dq`` (BLOCK_M, D) fp32; blocks and visibility as in ``_attn_fwd_inner``."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_key = start_n + offs_n
-        kT_ptrs = K + offs_key[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
-        vT_ptrs = V + offs_key[None, :] * stride_vn + offs_d[:, None] * stride_vd  # (D, BLOCK_N)
+    for t in tl.range(0, n_blocks, num_stages=1 if MASKED else None):
+        j0 = _nth_block(t, n1, n2, start1, start2, start3, BLOCK_N)
+        in_mem = j0 < M
+        k_blk = _kv_block(MemK, K, j0, M, stride_mks, stride_ks)
+        v_blk = _kv_block(MemV, V, j0, M, stride_mvs, stride_vs)
+        s_kn = tl.where(in_mem, stride_mks, stride_ks)
+        s_kd = tl.where(in_mem, stride_mkd, stride_kd)
+        s_vn = tl.where(in_mem, stride_mvs, stride_vs)
+        s_vd = tl.where(in_mem, stride_mvd, stride_vd)
+        k_ptrs = k_blk + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd  # (BLOCK_N, D)
+        v_ptrs = v_blk + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd  # (BLOCK_N, D)
         if MASKED:
+            offs_key = j0 + offs_n
             in_range = (offs_key >= key_lo) & (offs_key < key_hi)
-            kT = tl.load(kT_ptrs, mask=in_range[None, :], other=0.0)
-            vT = tl.load(vT_ptrs, mask=in_range[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
         else:
-            kT = tl.load(kT_ptrs)
-            vT = tl.load(vT_ptrs)
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         # -- recompute P from the saved LSE ----
-        arg = _mma(q, kT, None, UPCAST, FP32_IEEE) * qk_scale - lse2[:, None]
+        arg = _mma(q, tl.trans(k), None, UPCAST, FP32_IEEE) * qk_scale - lse2[:, None]
         if MASKED:
-            visible = in_range[None, :] & (offs_key[None, :] <= q_pos[:, None]) \
-                & (q_pos[:, None] - offs_key[None, :] < window)
+            visible = (offs_key[None, :] >= row_lo[:, None]) & (offs_key[None, :] <= row_hi[:, None])
             arg = tl.where(visible, arg, float("-inf"))
         p = tl.math.exp2(arg)
         # -- dS = P * (dP - delta) ----
-        dp = _mma(do, vT, None, UPCAST, FP32_IEEE)
+        dp = _mma(do, tl.trans(v), None, UPCAST, FP32_IEEE)
         ds = p * (dp - delta[:, None])
         # -- dQ += dS K (scale applied once at the end) ----
-        dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST, FP32_IEEE)
+        dq = _mma(ds.to(k.dtype), k, dq, UPCAST, FP32_IEEE)
     return dq
 
 
-_DQ_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+_DQ_CONFIGS_16 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4 if bm == 64 else 8, num_stages=s)
     for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64))
-    for w in (4, 8)
     for s in (2, 3)
 ]
+# fp32 (IEEE FMA dots): small tiles; at D=128, 32x16 needs 8 warps (4 warps spilled 272 B).
+_DQ_CONFIGS_32 = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+]
+_DQ_CONFIGS = _DQ_CONFIGS_16 + _DQ_CONFIGS_32
 
 
-@maybe_autotune(_DQ_CONFIGS, key=["S_BUCKET", "M_BUCKET", "HEAD_DIM"])
+def dq_smem(cfg, head_dim: int, elt: int) -> int:
+    """Upper bound on dQ's shared memory: K and V tiles per stage, plus q and dO."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return elt * head_dim * (2 * bn * cfg.num_stages + 2 * bm) + 2048
+
+
+def _dq_regs_ok(cfg, head_dim: int, elt: int) -> bool:
+    return not (elt == 4 and head_dim > 64 and cfg.kwargs["BLOCK_M"] == 32 and cfg.num_warps == 4)
+
+
+def dq_configs(head_dim: int, elt: int, smem_limit: int) -> list:
+    """The dQ configs the autotuner may pick for this head dim / element size / card."""
+    configs = _DQ_CONFIGS_32 if elt == 4 else _DQ_CONFIGS_16
+    return pickable(configs, head_dim, elt, smem_limit, dq_smem, _dq_regs_ok)
+
+
+@maybe_autotune(_DQ_CONFIGS, key=["S_BUCKET", "M_BUCKET", "HEAD_DIM"],
+                prune_configs_by={"early_config_prune": make_prune(dq_configs)})
 @triton.jit
 def _attn_bwd_dq(Q, K, V, MemK, MemV, MemLen, DO, Lse2, Delta, DQ,  #
                  sm_scale, window,  #
@@ -269,7 +339,7 @@ def _attn_bwd_dq(Q, K, V, MemK, MemV, MemLen, DO, Lse2, Delta, DQ,  #
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S
     q_last = tl.minimum(start_m + BLOCK_M, S) - 1
-    mem_lo = M - tl.load(MemLen + off_b)
+    mem_lo = M - tl.minimum(tl.maximum(tl.load(MemLen + off_b), 0), M)  # clamped: no host check on GPUs
     qk_scale = sm_scale * 1.4426950408889634
     # q, dO, LSE and delta of this block stay in registers for every key block. Padding rows load
     # zeros, which makes their dS exactly 0.
@@ -284,29 +354,26 @@ def _attn_bwd_dq(Q, K, V, MemK, MemV, MemLen, DO, Lse2, Delta, DQ,  #
     delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # stage 1: memory
+    # Edge blocks in one masked loop, fully visible blocks in one unmasked loop (as the forward).
     mem_lo_blk, mem_mid = _memory_blocks(M, mem_lo, start_m, q_last, window, BLOCK_N)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, mk_base, mv_base,  #
-                            stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
-                            mem_lo_blk, mem_mid, mem_lo, M, M + offs_m, qk_scale, window,  #
-                            BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, mk_base, mv_base,  #
-                            stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
-                            mem_mid, M, mem_lo, M, M + offs_m, qk_scale, window,  #
-                            BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
-    # stage 2: segment -- window edge (masked), fully visible (unmasked), diagonal (masked)
     lo, mid_lo, mid_hi, hi = _segment_blocks(start_m, q_last, window, BLOCK_N)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base,  #
+    n_mem_edge = (mem_mid - mem_lo_blk) // BLOCK_N
+    n_win_edge = (mid_lo - lo) // BLOCK_N
+    n_edge = n_mem_edge + n_win_edge + tl.cdiv(hi - mid_hi, BLOCK_N)
+    n_mem_full = (M - mem_mid) // BLOCK_N
+    n_full = n_mem_full + (mid_hi - mid_lo) // BLOCK_N
+    row_lo = tl.maximum(mem_lo, M + offs_m - window + 1)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mk_base, mv_base,  #
                             stride_ks, stride_kd, stride_vs, stride_vd,  #
-                            lo, mid_lo, 0, S, offs_m, qk_scale, window,  #
-                            BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base,  #
-                            stride_ks, stride_kd, stride_vs, stride_vd,  #
-                            mid_lo, mid_hi, 0, S, offs_m, qk_scale, window,  #
+                            stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
+                            n_full, n_mem_full, n_full, mem_mid, M + mid_lo, 0,  #
+                            M, mem_lo, M + S, row_lo, M + offs_m, qk_scale,  #
                             BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base,  #
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mk_base, mv_base,  #
                             stride_ks, stride_kd, stride_vs, stride_vd,  #
-                            mid_hi, hi, 0, S, offs_m, qk_scale, window,  #
+                            stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
+                            n_edge, n_mem_edge, n_win_edge, mem_lo_blk, M + lo, M + mid_hi,  #
+                            M, mem_lo, M + S, row_lo, M + offs_m, qk_scale,  #
                             BLOCK_N, HEAD_DIM, True, UPCAST, FP32_IEEE)
 
     dq *= sm_scale
@@ -316,6 +383,11 @@ def _attn_bwd_dq(Q, K, V, MemK, MemV, MemLen, DO, Lse2, Delta, DQ,  #
 
 
 _PREPROCESS_BLOCK_M = 64
+
+
+def preprocess_configs(head_dim: int, elt: int, smem_limit: int) -> list:
+    """The preprocess kernel is not autotuned: its one launch config, for the AOT gate."""
+    return [triton.Config({"BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4, num_stages=1)]
 
 
 def attention_backward(do, q, k, v, mem_k, mem_v, mem_len32, out, lse2, scale, window_eff, dims):
@@ -350,7 +422,7 @@ def attention_backward(do, q, k, v, mem_k, mem_v, mem_len32, out, lse2, scale, w
         scale, window_eff,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         H, Hkv, S, G, size_bucket(S),
-        **common, **launch_meta("dkdv"),
+        **common, **launch_meta("dkdv", dkdv_configs, D, q.element_size()),
     )
     grid_q = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
     _attn_bwd_dq[grid_q](
@@ -359,6 +431,6 @@ def attention_backward(do, q, k, v, mem_k, mem_v, mem_len32, out, lse2, scale, w
         *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(),
         *do.stride(), *dq.stride(),
         H, S, M, G, size_bucket(S), size_bucket(M),
-        **common, **launch_meta("dq"),
+        **common, **launch_meta("dq", dq_configs, D, q.element_size()),
     )
     return dq, dk, dv

@@ -21,8 +21,9 @@ import triton.language as tl
 
 # Read once, at import: TRITON_INTERPRET decides how @triton.jit functions are built.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Autotuning benchmarks configs with a GPU driver; the interpreter has none.
-AUTOTUNE = (not INTERPRETING) and torch.cuda.is_available()
+# Autotuning benchmarks configs with a GPU driver; the interpreter has none. DSMR_AUTOTUNE=0
+# turns it off on a GPU too (one fixed config per kernel: quick correctness runs, bisecting).
+AUTOTUNE = (not INTERPRETING) and torch.cuda.is_available() and os.environ.get("DSMR_AUTOTUNE", "1") != "0"
 
 LN2 = 0.6931471805599453
 
@@ -37,9 +38,19 @@ INTERPRET_META = {
 }
 
 
-def launch_meta(kernel: str) -> dict:
-    """Block sizes to pass at launch: none when autotuning (the autotuner picks), else fixed."""
-    return {} if AUTOTUNE else dict(INTERPRET_META[kernel])
+def launch_meta(kernel: str, configs_for=None, head_dim: int = 0, elt: int = 2) -> dict:
+    """Meta-parameters to pass at launch.
+
+    Autotuning: none (the autotuner picks). Interpreter: the fixed ``INTERPRET_META`` blocks. A GPU
+    with ``DSMR_AUTOTUNE=0``: the first config ``configs_for(head_dim, elt, smem_limit)`` keeps
+    (the same rule the autotuner and the AOT gate use, so it fits this card).
+    """
+    if AUTOTUNE:
+        return {}
+    if INTERPRETING or configs_for is None:
+        return dict(INTERPRET_META[kernel])
+    cfg = configs_for(head_dim, elt, device_smem_limit())[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def maybe_autotune(configs, key, prune_configs_by=None):
@@ -133,3 +144,46 @@ def _kv_block(MemX, X, j0, M, stride_mn, stride_n):
     else:
         base = X + (j0 - M).to(tl.int64) * stride_n
     return base
+
+
+# ----------------------------------------------------------------------------------------------
+# Which autotune configs a GPU may run. One rule set serves the autotuner (as its
+# ``early_config_prune``) and the ahead-of-time gate (``python -m dsmr_kernels.aot``), which
+# compiles exactly the configs these functions keep and fails if one of them does not fit.
+# ----------------------------------------------------------------------------------------------
+
+# Dynamic shared memory one block may opt into, by compute capability (CUDA programming guide).
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+DEFAULT_SMEM_LIMIT = 101376  # the smallest of the above: safe for an unknown card
+
+
+def device_smem_limit() -> int:
+    """Shared memory (bytes) one block may use on the current CUDA device."""
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+        return int(props["max_shared_mem"])
+    except Exception:  # no driver (interpreter, AOT on a CPU box): the caller passes a limit
+        return DEFAULT_SMEM_LIMIT
+
+
+def pickable(configs, head_dim: int, elt: int, smem_limit: int, smem_estimate, reg_ok) -> list:
+    """The configs a GPU may run: estimated shared memory fits and the register rule holds.
+
+    ``smem_estimate(cfg, head_dim, elt) -> bytes`` must never be below what the compiler
+    allocates (the AOT gate checks it); ``reg_ok(cfg, head_dim, elt)`` drops configs measured to
+    spill. Never empty: on a card too small for all of them, the smallest config is kept.
+    """
+    kept = [c for c in configs if smem_estimate(c, head_dim, elt) <= smem_limit and reg_ok(c, head_dim, elt)]
+    return kept or [min(configs, key=lambda c: smem_estimate(c, head_dim, elt))]
+
+
+def make_prune(configs_for):
+    """An ``early_config_prune`` for ``triton.autotune``: ``configs_for(head_dim, elt, smem_limit)``
+    on the current device (the same function the AOT gate compiles)."""
+
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        elt = next(a for a in named_args.values() if isinstance(a, torch.Tensor) and a.is_floating_point()).element_size()
+        return configs_for(head_dim, elt, device_smem_limit())
+
+    return prune

@@ -25,16 +25,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (  # noqa: F401  (INTERPRET_META/LN2 re-exported for old imports)
-    INTERPRET_META,
+from .triton_common import (
     INTERPRETING,
-    LN2,
     _kv_block,
     _memory_blocks,
     _mma,
     _nth_block,
     _segment_blocks,
+    pickable,
     launch_meta,
+    make_prune,
     maybe_autotune,
     size_bucket,
 )
@@ -104,17 +104,44 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
     return acc, l_i, m_i
 
 
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+# 16-bit: 128-row blocks need 8 warps (with 4 they measured 205-255 registers at D=64 on sm_90
+# and spilled at D=128).
+_FWD_CONFIGS_16 = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4 if bm == 64 else 8, num_stages=s)
     for bm in (64, 128)
     for bn in (32, 64)
-    for w in (4, 8)
     for s in (2, 3)
-    if not (w == 8 and bm * bn < 128 * 64)
 ]
+# fp32 asks for IEEE dots, which run as FMAs on CUDA cores with the whole tile in registers:
+# only small tiles stay out of local memory (64x32 spilled 650 B at D=64 and 12 KB at D=128),
+# and there is no tensor-core load to pipeline.
+_FWD_CONFIGS_32 = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1),
+]
+_FWD_CONFIGS = _FWD_CONFIGS_16 + _FWD_CONFIGS_32
 
 
-@maybe_autotune(_FWD_CONFIGS, key=["S_BUCKET", "M_BUCKET", "HEAD_DIM"])
+def fwd_smem(cfg, head_dim: int, elt: int) -> int:
+    """Upper bound on the forward's shared memory: q, plus K and V tiles per pipeline stage."""
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    return elt * head_dim * (bm + 2 * bn * cfg.num_stages) + 2048
+
+
+def _fwd_regs_ok(cfg, head_dim: int, elt: int) -> bool:
+    # fp32 at D=128: 32x16 with 4 warps spilled 176 B; 8 warps or 16x16 stay in registers.
+    return not (elt == 4 and head_dim > 64 and cfg.kwargs["BLOCK_M"] == 32 and cfg.num_warps == 4)
+
+
+def fwd_configs(head_dim: int, elt: int, smem_limit: int) -> list:
+    """The forward configs the autotuner may pick for this head dim / element size / card."""
+    configs = _FWD_CONFIGS_32 if elt == 4 else _FWD_CONFIGS_16
+    return pickable(configs, head_dim, elt, smem_limit, fwd_smem, _fwd_regs_ok)
+
+
+@maybe_autotune(_FWD_CONFIGS, key=["S_BUCKET", "M_BUCKET", "HEAD_DIM"],
+                prune_configs_by={"early_config_prune": make_prune(fwd_configs)})
 @triton.jit
 def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
               sm_scale, window,  #
@@ -149,7 +176,7 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < S
     q_last = tl.minimum(start_m + BLOCK_M, S) - 1
-    mem_lo = M - tl.load(MemLen + off_b)  # first valid memory slot of this lane
+    mem_lo = M - tl.minimum(tl.maximum(tl.load(MemLen + off_b), 0), M)  # first valid slot; clamped: no host check on GPUs
     # initialize running max, normalizer and accumulator
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -224,6 +251,6 @@ def attention_forward(q, k, v, mem_k, mem_v, mem_len32, scale, window_eff, dims)
         *q.stride(), *k.stride(), *v.stride(), *mem_k.stride(), *mem_v.stride(), *out.stride(),
         H, S, M, G, size_bucket(S), size_bucket(M),
         HEAD_DIM=D, UPCAST=INTERPRETING, FP32_IEEE=q.dtype == torch.float32,
-        **launch_meta("fwd"),
+        **launch_meta("fwd", fwd_configs, D, q.element_size()),
     )
     return out, lse2

@@ -118,6 +118,66 @@ def test_auto_backend_on_cpu_is_torch():
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+@pytest.mark.parametrize(
+    "dtype, head_dim, expected",
+    [
+        (torch.bfloat16, 64, "triton"),
+        (torch.float16, 128, "triton"),
+        (torch.float32, 16, "triton"),
+        (torch.bfloat16, 80, "torch"),  # the model accepts any even head dim; Triton compiles 16..128 powers of 2
+        (torch.float16, 96, "torch"),
+        (torch.float32, 8, "torch"),
+        (torch.float64, 64, "torch"),  # the kernels have no fp64 path
+    ],
+)
+def test_auto_on_cuda_never_picks_a_triton_call_that_would_raise(monkeypatch, dtype, head_dim, expected):
+    """A config the CPU path accepts must not crash on a GPU: `auto` falls back to torch (SDPA)."""
+    from dsmr_kernels import interface
+
+    monkeypatch.setattr(interface, "triton_importable", lambda: True)
+    cuda = torch.device("cuda", 0)  # a device object only: nothing is allocated on it
+    assert interface.resolve_backend("auto", cuda, dtype, head_dim) == expected
+    monkeypatch.setattr(interface, "triton_importable", lambda: False)
+    assert interface.resolve_backend("auto", cuda, dtype, head_dim) == "torch"
+    # mps and other accelerators take the torch path (public SDPA there)
+    assert interface.resolve_backend("auto", torch.device("mps"), dtype, head_dim) == "torch"
+    # an explicit choice is kept: it raises later with a message if it cannot run
+    assert interface.resolve_backend("triton", cuda, dtype, head_dim) == "triton"
+
+
+def test_mem_len_range_is_not_read_back_from_a_gpu(monkeypatch):
+    """Validation must not sync with the device: only CPU mem_len is range-checked on the host."""
+    from dsmr_kernels import _validate
+
+    q, k, v, mk, mv, ml = make_inputs(2, 2, 2, 3, 4, 8, torch.float32, requires_grad=False)
+    bad = torch.tensor([0, 9], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"mem_len values must lie in \[0, M\]"):
+        _validate.validate_inputs(q, k, v, mk, mv, bad, None)
+
+    class FakeDeviceTensor(torch.Tensor):
+        """A CPU tensor that claims to live on a GPU and fails if anything reads it back."""
+
+        @property
+        def device(self):
+            return q.device if _as_cpu[0] else torch.device("cuda", 0)
+
+        def min(self, *a, **kw):
+            raise AssertionError("mem_len.min() would be a device-to-host sync")
+
+        def max(self, *a, **kw):
+            raise AssertionError("mem_len.max() would be a device-to-host sync")
+
+    _as_cpu = [False]
+    fake = bad.as_subclass(FakeDeviceTensor)
+    qd = q.as_subclass(FakeDeviceTensor)
+    kd, vd, mkd, mvd = (t.as_subclass(FakeDeviceTensor) for t in (k, v, mk, mv))
+    dims = _validate.validate_inputs(qd, kd, vd, mkd, mvd, fake, None)  # no read-back, no error
+    assert (dims.B, dims.M) == (2, 4)
+    monkeypatch.setattr(_validate, "CHECK_DEVICE_MEM_LEN", True)  # the opt-in debug check reads it
+    with pytest.raises(AssertionError, match="device-to-host sync"):
+        _validate.validate_inputs(qd, kd, vd, mkd, mvd, fake, None)
+
+
 def test_memory_requiring_grad_is_an_error():
     q, k, v, mk, mv, ml = make_inputs(1, 2, 2, 3, 4, 8, torch.float32)
     with pytest.raises(ValueError, match="mem_k requires grad"):
