@@ -38,6 +38,8 @@ DTYPES = ("fp32", "fp16", "bf16")
 ELT = {"fp32": 4, "fp16": 2, "bf16": 2}
 HEAD_DIMS = (16, 32, 64, 128)
 ARCHS = (80, 90)
+# Upper-case kernel arguments that are sizes, not pointers.
+INT_ARGS = {"H", "S", "M", "G", "Hkv", "S_BUCKET", "M_BUCKET", "SPLIT_LEN", "N_ROWS", "SPLIT_BUCKET", "N_SPLITS"}
 COLUMNS = ["arch", "kernel", "dtype", "head_dim", "config", "registers", "spill_bytes", "shared_bytes", "status"]
 
 
@@ -56,7 +58,7 @@ class KernelSpec:
 
 
 def _specs() -> List[KernelSpec]:
-    from . import triton_bwd, triton_fwd
+    from . import triton_bwd, triton_decode, triton_fwd
 
     lse = {"Lse2": "*fp32", "Delta": "*fp32", "MemLen": "*i32"}
     mma_flags = lambda dtype: {"UPCAST": False, "FP32_IEEE": dtype == "fp32"}  # noqa: E731
@@ -69,6 +71,13 @@ def _specs() -> List[KernelSpec]:
                    lse, extra_constexprs=mma_flags),
         KernelSpec("bwd_dq", "triton_bwd:_attn_bwd_dq", triton_bwd.dq_configs, triton_bwd.dq_smem,
                    lse, extra_constexprs=mma_flags),
+        *(KernelSpec(f"decode_r{r}", "triton_decode:_decode_split", triton_decode.decode_configs(r),
+                     lambda cfg, d, elt, r=r: triton_decode.decode_smem_bytes(cfg, d, elt, r),
+                     {**lse, "PartO": "*fp32", "PartLse": "*fp32"},
+                     extra_constexprs=lambda dtype, r=r: {**mma_flags(dtype), "BLOCK_R": r})
+          for r in (triton_decode.MIN_ROWS, triton_decode.MAX_ROWS)),
+        KernelSpec("decode_combine", "triton_decode:_decode_combine", triton_decode.combine_configs, None,
+                   {**lse, "PartO": "*fp32", "PartLse": "*fp32"}, float_args=(), grouped=False),
     ]
 
 
@@ -103,7 +112,7 @@ def _signature(fn, spec: KernelSpec, dtype: str, constexprs: dict):
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name[0].isupper() and name not in ("H", "S", "M", "G", "Hkv", "S_BUCKET", "M_BUCKET"):
+        elif name[0].isupper() and name not in INT_ARGS:
             sig[name] = spec.pointer_types.get(name, f"*{dtype}")
             attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
         elif name in spec.float_args:

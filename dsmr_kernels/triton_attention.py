@@ -19,7 +19,11 @@ from ._validate import TRITON_HEAD_DIMS as SUPPORTED_HEAD_DIMS
 from ._validate import OpDims
 from .triton_bwd import attention_backward
 from .triton_common import INTERPRETING, LN2
+from .triton_decode import decode_forward
 from .triton_fwd import attention_forward
+
+#: No-grad calls with at most this many queries per lane run the split-KV decode kernel.
+DECODE_MAX_S = 16
 
 
 
@@ -92,7 +96,10 @@ def triton_attention(
 
     Returns:
         ``out`` ``(B, H, S, D)`` in q's dtype (differentiable in q, k, v) and ``lse`` ``(B, H, S)``
-        fp32 (no gradient).
+        fp32 (no gradient). Calls that need no gradient with ``S <= DECODE_MAX_S`` (generation)
+        run the split-KV decode kernel of ``triton_decode.py`` instead of the training kernels.
+        ``mem_len`` values outside ``[0, M]`` are clamped by the kernels (the host check in
+        ``_validate`` skips GPU tensors so that no call syncs with the device).
     """
     _check_supported(q, dims)
     M = dims.M if mem_k is not None else 0
@@ -103,6 +110,14 @@ def triton_attention(
     # No window == a window no query can reach past (distance <= M + S - 1); clamping also keeps
     # a huge user window inside int32.
     window_eff = M + dims.S if window is None else min(int(window), M + dims.S)
+    if dims.S <= DECODE_MAX_S and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                                                    or v.requires_grad)):
+        # Generation / evaluation: split-KV decode kernel (a (S, BLOCK_M) tile would be mostly
+        # padding, and only B * H programs would stream all of the memory).
+        with _on_device_of(q):
+            out, lse2 = decode_forward(q, k, v, mem_k if M > 0 else None, mem_v if M > 0 else None, mem_len32,
+                                       float(scale), window_eff, dims)
+        return out, lse2 * LN2
     return _SegmentMemoryAttention.apply(
         q, k, v, mem_k if M > 0 else None, mem_v if M > 0 else None, mem_len32, float(scale), window_eff, dims
     )

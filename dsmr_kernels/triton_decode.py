@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import AUTOTUNE, INTERPRETING, _mma, maybe_autotune, size_bucket
+from .triton_common import AUTOTUNE, INTERPRETING, _mma, device_smem_limit, maybe_autotune, size_bucket
 
 # Every split length is a multiple of this, hence of every BLOCK_N in DECODE_CONFIGS (the block
 # grid of each split must not overlap its neighbour's). Tests patch it (and the interpreter's
@@ -202,7 +202,7 @@ def _decode_split(Q, K, V, MemK, MemV, MemLen, PartO, PartLse,  #
 
     # Memory slots of this split: [split_hi - SPLIT_LEN, split_hi), right-aligned like the forward.
     # The row block may hold every query index, so the block ranges are taken over all of [0, S).
-    mem_lo = M - tl.load(MemLen + off_b)  # first valid slot of this lane
+    mem_lo = M - tl.minimum(tl.maximum(tl.load(MemLen + off_b), 0), M)  # first valid slot; clamped: no host check on GPUs
     split_hi = M - (n_splits - 1 - split) * SPLIT_LEN
     need_lo = tl.maximum(tl.maximum(mem_lo, M - window + 1), split_hi - SPLIT_LEN)  # query 0 sees it
     full_lo = tl.maximum(mem_lo, M + S - window)  # query S-1 (hence every query) sees it
@@ -283,8 +283,26 @@ def decode_splits(M: int, programs: int, sm_count: int = DEFAULT_SM_COUNT) -> tu
     return triton.cdiv(M, split_len), split_len
 
 
-def _launch_meta(kernel: str) -> dict:
-    return {} if AUTOTUNE else dict(INTERPRET_META[kernel])
+def _launch_meta(head_dim: int, elt: int, block_r: int) -> dict:
+    """Autotuning: none. Interpreter: fixed blocks. A GPU with DSMR_AUTOTUNE=0: the first pruned config."""
+    if AUTOTUNE:
+        return {}
+    if INTERPRETING:
+        return dict(INTERPRET_META["decode"])
+    cfg = prune_decode_configs(DECODE_CONFIGS, head_dim, elt, block_r, device_smem_limit())[0]
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def decode_configs(block_r: int):
+    """``(head_dim, elt, smem_limit) -> configs`` the autotuner may pick at row block ``block_r``
+    (the AOT gate's view of :func:`prune_decode_configs`)."""
+    return lambda head_dim, elt, smem_limit: prune_decode_configs(DECODE_CONFIGS, head_dim, elt, block_r,
+                                                                  smem_limit)
+
+
+def combine_configs(head_dim: int, elt: int, smem_limit: int) -> list:
+    """The combine kernel's one launch config (for the AOT gate)."""
+    return [COMBINE_CONFIG]
 
 
 def _narrow_strides(t: torch.Tensor) -> torch.Tensor:
@@ -324,7 +342,7 @@ def decode_forward(q, k, v, mem_k, mem_v, mem_len32, scale, window_eff, dims):
     block_r = decode_block_rows(G, S)
     row_blocks = triton.cdiv(G * S, block_r)
     n_splits, split_len = decode_splits(M, B * Hkv * row_blocks, _sm_count(q.device))
-    meta = _launch_meta("decode")
+    meta = _launch_meta(D, q.element_size(), block_r)
     if meta and split_len % meta["BLOCK_N"]:
         raise ValueError(f"split length {split_len} is not a multiple of BLOCK_N {meta['BLOCK_N']}")
     n_rows = B * H * S

@@ -179,3 +179,37 @@ def test_config_pruning_by_shared_memory():
     small = triton_decode.prune_decode_configs(configs, 128, 4, 32, 99 * 1024)
     assert len(small) < len(big) <= len(configs)
     assert len(triton_decode.prune_decode_configs(configs, 128, 4, 32, 1)) == 1
+
+
+def test_op_routes_no_grad_small_segments_to_the_decode_kernel(monkeypatch):
+    """Generation-shaped calls (no grad, S <= DECODE_MAX_S) take the decode kernel; training calls do not."""
+    from dsmr_kernels import segment_memory_attention, triton_attention
+
+    calls = []
+    real = triton_attention.decode_forward
+    monkeypatch.setattr(triton_attention, "decode_forward", lambda *a: calls.append(a[-1].S) or real(*a))
+    q, k, v, mem_k, mem_v, mem_len = make_inputs(2, 4, 2, 1, 37, 16, dtype=torch.float32, mem_len=[37, 5])
+    with torch.no_grad():
+        out, lse = segment_memory_attention(q, k, v, mem_k, mem_v, mem_len, backend="triton", return_lse=True)
+        gold, gold_lse = segment_memory_attention_ref(q.double(), k.double(), v.double(), mem_k.double(),
+                                                      mem_v.double(), mem_len, return_lse=True)
+    assert calls == [1]
+    assert (out.double() - gold).abs().max() < 1e-5 and (lse.double() - gold_lse).abs().max() < 1e-5
+    segment_memory_attention(q, k, v, mem_k, mem_v, mem_len, backend="triton").sum().backward()
+    assert calls == [1] and q.grad is not None  # grad mode: the differentiable kernels
+
+
+def test_kernels_clamp_out_of_range_mem_len():
+    """GPU calls skip the host range check, so the kernels clamp mem_len to [0, M] themselves."""
+    from dsmr_kernels._validate import validate_inputs
+    from dsmr_kernels.triton_attention import triton_attention
+
+    q, k, v, mem_k, mem_v, _ = make_inputs(2, 4, 2, 3, 20, 16, dtype=torch.float32, requires_grad=False)
+    dims = validate_inputs(q, k, v, mem_k, mem_v, None, None)
+    wild = torch.tensor([27, -4], dtype=torch.int32)  # what an unchecked GPU tensor could hold
+    clamped = torch.tensor([20, 0], dtype=torch.int32)
+    gold = segment_memory_attention_ref(q.double(), k.double(), v.double(), mem_k.double(), mem_v.double(), clamped)
+    for grad in (False, True):  # decode kernel, then the training forward
+        with torch.set_grad_enabled(grad):
+            out, _ = triton_attention(q.requires_grad_(grad), k, v, mem_k, mem_v, wild, 16 ** -0.5, None, dims)
+        assert (out.detach().double() - gold).abs().max() < 1e-5

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dsmr_kernels import segment_memory_attention, segment_memory_attention_ref
-from dsmr_kernels import triton_fwd
+from dsmr_kernels import triton_common
 from dsmr_kernels.testing import assert_close_to_golden, forward_backward, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -43,7 +43,7 @@ def _f64(t):
 @pytest.mark.parametrize("dtype,window", [(F32, None), (BF16, 9), (F16, None)], ids=str)
 def test_garbage_in_invalid_slots_reaches_neither_output_nor_grads(dtype, window, small_blocks, monkeypatch):
     if small_blocks:
-        monkeypatch.setattr(triton_fwd, "INTERPRET_META", SMALL_BLOCKS)
+        monkeypatch.setattr(triton_common, "INTERPRET_META", SMALL_BLOCKS)
     B, H, Hkv, S, M, D = 4, 4, 2, 11, 37, 16
     lens = [0, 5, M, 20]
     q, k, v, mk, mv, ml = make_inputs(B, H, Hkv, S, M, D, dtype, mem_len=lens, requires_grad=False, seed=4)
