@@ -30,7 +30,7 @@ from .triton_common import (
     _mma,
     _nth_block,
     _segment_blocks,
-    pickable,
+    config_rule,
     launch_meta,
     make_prune,
     maybe_autotune,
@@ -122,9 +122,11 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v,  #
     return dk, dv
 
 
+# 16-bit: 32-row query tiles. k, v, dk and dv all stay in registers, and 64-row tiles spilled
+# (sm_80: 24-112 B at D=64, 8 B at D=16; sm_90: 48-128 B at D=128).
 _DKDV_CONFIGS_16 = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4 if bn == 64 else 8, num_stages=s)
-    for bm, bn in ((32, 64), (64, 64), (32, 128), (64, 128))
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": bn}, num_warps=4 if bn == 64 else 8, num_stages=s)
+    for bn in (64, 128)
     for s in (2, 3)
 ]
 # fp32 (IEEE FMA dots, see triton_fwd): small tiles; 16x32 with 4 warps spilled at D=64.
@@ -137,20 +139,20 @@ _DKDV_CONFIGS = _DKDV_CONFIGS_16 + _DKDV_CONFIGS_32
 
 
 def dkdv_smem(cfg, head_dim: int, elt: int) -> int:
-    """Upper bound on dK/dV's shared memory: q and dO tiles per stage, plus k and v."""
+    """Upper bound on dK/dV's shared memory: q and dO tiles per stage, k and v, and one fp32
+    (BLOCK_N, BLOCK_M) tile for the P / dS layout conversions (measured +1 KB over the rest at D=16)."""
     bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-    return elt * head_dim * (2 * bm * cfg.num_stages + 2 * bn) + 2048
+    return elt * head_dim * (2 * bm * cfg.num_stages + 2 * bn) + 4 * bm * bn + 2048
 
 
 def _dkdv_regs_ok(cfg, head_dim: int, elt: int) -> bool:
-    # 16-bit at D=128: 64-row query tiles spilled 48-128 B on sm_90 (k, v, dk, dv all live).
-    return not (elt == 2 and head_dim > 64 and cfg.kwargs["BLOCK_M"] == 64)
+    # 16-bit at D=128: 128-key tiles spilled 0.2-3.6 KB on sm_80 (its mma layout needs more registers).
+    return not (elt == 2 and head_dim > 64 and cfg.kwargs["BLOCK_N"] == 128)
 
 
-def dkdv_configs(head_dim: int, elt: int, smem_limit: int) -> list:
-    """The dK/dV configs the autotuner may pick for this head dim / element size / card."""
-    configs = _DKDV_CONFIGS_32 if elt == 4 else _DKDV_CONFIGS_16
-    return pickable(configs, head_dim, elt, smem_limit, dkdv_smem, _dkdv_regs_ok)
+#: ``(head_dim, elt, smem_limit) -> configs``: what the dK/dV autotuner may pick on a card (the AOT
+#: gate compiles exactly these).
+dkdv_configs = config_rule(_DKDV_CONFIGS_16, _DKDV_CONFIGS_32, dkdv_smem, _dkdv_regs_ok)
 
 
 @maybe_autotune(_DKDV_CONFIGS, key=["S_BUCKET", "HEAD_DIM", "G"],
@@ -296,13 +298,16 @@ def dq_smem(cfg, head_dim: int, elt: int) -> int:
 
 
 def _dq_regs_ok(cfg, head_dim: int, elt: int) -> bool:
-    return not (elt == 4 and head_dim > 64 and cfg.kwargs["BLOCK_M"] == 32 and cfg.num_warps == 4)
+    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    if elt == 4:  # fp32 at D=128: 32x16 with 4 warps spilled 272 B
+        return not (head_dim > 64 and bm == 32 and cfg.num_warps == 4)
+    # 16-bit 128x64 tiles spilled on sm_80 at D=128 (~320 B) and D=32 (8 B); sm_90 was clean.
+    return not (bm == 128 and bn == 64 and head_dim != 64)
 
 
-def dq_configs(head_dim: int, elt: int, smem_limit: int) -> list:
-    """The dQ configs the autotuner may pick for this head dim / element size / card."""
-    configs = _DQ_CONFIGS_32 if elt == 4 else _DQ_CONFIGS_16
-    return pickable(configs, head_dim, elt, smem_limit, dq_smem, _dq_regs_ok)
+#: ``(head_dim, elt, smem_limit) -> configs``: what the dQ autotuner may pick on a card (the AOT
+#: gate compiles exactly these).
+dq_configs = config_rule(_DQ_CONFIGS_16, _DQ_CONFIGS_32, dq_smem, _dq_regs_ok)
 
 
 @maybe_autotune(_DQ_CONFIGS, key=["S_BUCKET", "M_BUCKET", "HEAD_DIM"],

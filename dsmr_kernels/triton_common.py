@@ -177,6 +177,15 @@ def pickable(configs, head_dim: int, elt: int, smem_limit: int, smem_estimate, r
     return kept or [min(configs, key=lambda c: smem_estimate(c, head_dim, elt))]
 
 
+def config_rule(configs_16: list, configs_32: list, smem_estimate, reg_ok):
+    """``configs_for(head_dim, elt, smem_limit)``: one kernel's pickable configs, 16-bit or fp32 list."""
+
+    def configs_for(head_dim: int, elt: int, smem_limit: int) -> list:
+        return pickable(configs_32 if elt == 4 else configs_16, head_dim, elt, smem_limit, smem_estimate, reg_ok)
+
+    return configs_for
+
+
 def make_prune(configs_for):
     """An ``early_config_prune`` for ``triton.autotune``: ``configs_for(head_dim, elt, smem_limit)``
     on the current device (the same function the AOT gate compiles)."""

@@ -42,13 +42,13 @@ MIN_ROWS, MAX_ROWS = 16, 32
 INTERPRET_META = {"decode": {"BLOCK_N": 64}, "combine": {"BLOCK_RC": 16}}
 
 # Decode streams K/V once: two tile widths, two pipeline depths and an 8-warp variant for the
-# widest tiles are enough (a wider sweep multiplied compile time and autotune time for no gain
-# the cubins could show; the 32-key tiles only ever won on register count, not bandwidth).
+# widest tiles (a wider sweep multiplied compile and autotune time for nothing the cubins could
+# show), plus one small 32-key tile that fits fp32 at D=128 on ~100 KB shared-memory cards.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bn, w in ((64, 4), (128, 4), (128, 8))
     for s in (2, 3)
-]
+] + [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2)]
 assert all(SPLIT_ALIGN % c.kwargs["BLOCK_N"] == 0 for c in DECODE_CONFIGS)
 # The combine kernel is tiny and memory-bound; one fixed config (the AOT tool compiles it too).
 COMBINE_CONFIG = triton.Config({"BLOCK_RC": 16}, num_warps=4, num_stages=1)

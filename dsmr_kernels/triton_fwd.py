@@ -32,7 +32,7 @@ from .triton_common import (
     _mma,
     _nth_block,
     _segment_blocks,
-    pickable,
+    config_rule,
     launch_meta,
     make_prune,
     maybe_autotune,
@@ -134,10 +134,9 @@ def _fwd_regs_ok(cfg, head_dim: int, elt: int) -> bool:
     return not (elt == 4 and head_dim > 64 and cfg.kwargs["BLOCK_M"] == 32 and cfg.num_warps == 4)
 
 
-def fwd_configs(head_dim: int, elt: int, smem_limit: int) -> list:
-    """The forward configs the autotuner may pick for this head dim / element size / card."""
-    configs = _FWD_CONFIGS_32 if elt == 4 else _FWD_CONFIGS_16
-    return pickable(configs, head_dim, elt, smem_limit, fwd_smem, _fwd_regs_ok)
+#: ``(head_dim, elt, smem_limit) -> configs``: what the forward autotuner may pick on a card (the AOT
+#: gate compiles exactly these).
+fwd_configs = config_rule(_FWD_CONFIGS_16, _FWD_CONFIGS_32, fwd_smem, _fwd_regs_ok)
 
 
 @maybe_autotune(_FWD_CONFIGS, key=["S_BUCKET", "M_BUCKET", "HEAD_DIM"],
