@@ -85,26 +85,12 @@ def prune_decode_configs(configs, head_dim: int, elem_bytes: int, block_r: int, 
     return fit
 
 
-def _device_smem_limit(device) -> int:
-    index = torch.cuda.current_device() if device.index is None else device.index
-    props = triton.runtime.driver.active.utils.get_device_properties(index)
-    return int(props["max_shared_mem"])
-
-
 def _early_prune(configs, named_args, **kwargs):
-    """``triton.autotune`` hook: drop configs that overflow the current device's shared memory."""
+    """``triton.autotune`` hook: drop configs that overflow the current device's shared memory
+    (``triton_attention`` launches under the tensors' device, so that is q's device)."""
     args = {**named_args, **kwargs}
-    q = args["Q"]
-    return prune_decode_configs(
-        configs, args["HEAD_DIM"], q.element_size(), args["BLOCK_R"], _device_smem_limit(q.device)
-    )
-
-
-def _autotune(configs, key):
-    """``triton.autotune`` with shared-memory pruning on a GPU; identity in the interpreter."""
-    if AUTOTUNE:
-        return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": _early_prune})
-    return maybe_autotune(configs, key)
+    return prune_decode_configs(configs, args["HEAD_DIM"], args["Q"].element_size(), args["BLOCK_R"],
+                                device_smem_limit())
 
 
 @triton.jit
@@ -156,7 +142,8 @@ def _decode_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, strid
     return acc, l_i, m_i
 
 
-@_autotune(DECODE_CONFIGS, key=["SPLIT_BUCKET", "HEAD_DIM", "BLOCK_R"])
+@maybe_autotune(DECODE_CONFIGS, key=["SPLIT_BUCKET", "HEAD_DIM", "BLOCK_R"],
+                prune_configs_by={"early_config_prune": _early_prune})
 @triton.jit
 def _decode_split(Q, K, V, MemK, MemV, MemLen, PartO, PartLse,  #
                   sm_scale, window,  #
