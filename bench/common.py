@@ -300,7 +300,8 @@ def merge_rounds(rounds: List[WorkerResult]) -> WorkerResult:
     if len(ok) > 1 and all(seg) and len({len(t) for t in seg}) == 1:
         data["segment_times"] = [min(ts) for ts in zip(*seg)]
         data["tokens_per_s"] = data["n_tokens"] / sum(data["segment_times"])
-    data["peak_bytes"] = max(r.data["peak_bytes"] for r in ok)
+    if all("peak_bytes" in r.data for r in ok):
+        data["peak_bytes"] = max(r.data["peak_bytes"] for r in ok)
     data["load_1min_end"] = max(r.data.get("load_1min_end", 0.0) for r in ok)
     return WorkerResult(True, data, wall_s=sum(r.wall_s for r in rounds))
 

@@ -26,13 +26,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SECTIONS = ("op", "schedules", "peer", "generation")
+SECTIONS = ("op", "schedules", "peer", "generation", "contention")
 OPTIONAL = ("study",)  # run only when named in --only
 TITLES = {
     "op": "1. Op: segment_memory_attention",
     "schedules": "2. Memory schedules at model level",
     "peer": "3. Peer: DSMR vs x-transformers",
     "generation": "4. Generation with bounded caches",
+    "contention": "5. Training beside a busy process",
 }
 
 
@@ -48,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             "  schedules   training tokens/s and peak memory of every schedule family on one long piece\n"
             "  peer        DSMR vs x-transformers (hidden-state memory, re-projected every segment)\n"
             "  generation  sampling 4k/16k/64k tokens (quick: 1k/4k) with bounded caches; per-token latency\n"
+            "  contention  dsmr.train.train tokens/s idle and beside one busy process, per thread policy\n"
             "  study       (only with --only study) dsmr study: every schedule family trained and compared; its\n"
             "              rows live in runs/study (resumable), study.csv/md/png are copied to the results folder\n"
         ),
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
     # The piece travels to the workers as a temporary .npy file, outside the results folder.
     tmp_dir = tempfile.mkdtemp(prefix="dsmr-bench-")
     plans, piece, piece_path = {}, None, os.path.join(tmp_dir, "piece.npy")
-    if set(args.sections) & {"schedules", "peer", "generation"}:
+    if set(args.sections) & {"schedules", "peer", "generation", "contention"}:
         from bench import model_level, piece as piece_mod
 
         s = model_level.setting(args.quick)
@@ -178,15 +180,18 @@ def main(argv=None) -> int:
         piece = piece_mod.resolve(need, Path(piece_path))
         print(("NOTE: " if piece["synthetic"] else "") + f"piece: {piece['source']}\n", flush=True)
 
-    from bench import generation, model_level, op, peer
+    from bench import contention, generation, model_level, op, peer
 
-    modules = {"schedules": model_level, "peer": peer, "generation": generation}
+    modules = {"schedules": model_level, "peer": peer, "generation": generation, "contention": contention}
     for name in args.sections:
         if name == "op":
             plans[name] = op.plan(args.quick)
+        elif name == "contention":
+            plans[name] = contention.plan(args.quick, piece, piece_path, args.threads)
         else:
             plans[name] = modules[name].plan(args.quick, piece, piece_path)
-    total = sum(len(v) * (1 if k in ("op", "generation") else args.rounds) for k, v in plans.items())
+    once = ("op", "generation", "contention")  # one round: contention's busy rows are slow by design
+    total = sum(len(v) * (1 if k in once else args.rounds) for k, v in plans.items())
 
     section_meta = {}
     with tqdm(total=total, desc="bench", unit="config", dynamic_ncols=True) as bar:
@@ -199,11 +204,13 @@ def main(argv=None) -> int:
                 gen = name == "generation"
                 threads = args.generation_threads if gen else args.threads
                 results = run_workers(modules[name].__name__, plans[name], args, bar, threads,
-                                      1 if gen else args.rounds)
+                                      1 if name in once else args.rounds)
                 if name == "schedules":
                     sec = model_level.render(results, args.quick, piece, out_dir, args.rounds)
                 elif name == "peer":
                     sec = peer.render(results, args.quick, piece, args.rounds)
+                elif name == "contention":
+                    sec = contention.render(results, args.quick, piece, args.threads)
                 else:
                     sec = generation.render(results, args.quick, piece, out_dir, threads)
             wall = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Union
 from . import schedules
 from .checks import check_int
 from .model import DSMRConfig
+from .threads import parse_policy
 
 
 @dataclass
@@ -31,7 +32,9 @@ class TrainConfig:
     ``grad_accum`` consecutive segment batches of ``batch_lanes`` lanes. ``eval_every`` /
     ``ckpt_every`` / ``log_every`` count optimizer steps; 0 disables the periodic action (a final
     evaluation and checkpoint are always made). ``grad_clip`` 0 disables clipping.
-    ``progress=None`` shows a tqdm bar only when stderr is a terminal.
+    ``progress=None`` shows a tqdm bar only when stderr is a terminal. ``threads``: CPU threads
+    (``"auto"``: the cores other processes leave free, re-decided every second, see
+    :mod:`dsmr.threads`; an int: that many; ``"none"``: torch's setting as it is).
     """
 
     out_dir: str = "runs/dsmr"
@@ -62,6 +65,10 @@ class TrainConfig:
     train_split: str = "train"
     val_split: Optional[str] = "validation"
     dist_backend: Optional[str] = None  # default: nccl on CUDA, gloo on CPU
+    threads: str = field(default="auto", metadata={"help": (
+        "CPU threads: auto uses the cores other processes leave free, re-decided every second, so a busy "
+        "core does not stall the run; N fixes the count; none leaves torch's setting ($DSMR_THREADS sets "
+        "what auto means)")})
 
     def __post_init__(self):
         for name in ("batch_lanes", "grad_accum"):
@@ -78,6 +85,7 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0 (grad_clip 0 disables clipping)")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"betas must lie in [0, 1), got {self.beta1}, {self.beta2}")
+        parse_policy(self.threads)  # kept as given (a flag's text or an int), checked here
         if self.autocast_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"autocast_dtype must be 'bfloat16' or 'float16', got {self.autocast_dtype!r}")
 

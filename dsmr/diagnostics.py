@@ -24,6 +24,7 @@ import torch
 from .distributed import unwrap
 from .metrics import pyplot
 from .stream import LaneBatcher, segment_length, stream_segment
+from .threads import tick
 
 DISTANCE_EDGES = (256, 1024, 4096, 8192)
 DISTANCE_LABELS = ("0-256", "256-1k", "1k-4k", "4k-8k", "8k+")
@@ -65,6 +66,7 @@ def _stream_twice(raw, ids, S, R, W, *, bos_id, eos_id, device, amp_dtype, progr
         # The shared prefix [0, R) runs once; then two states continue from R.
         state, before = raw.init_state(1, device), []
         for b in batches[:n_before]:
+            tick()
             nll, state = stream_segment(raw, state, b, autocast_dtype=amp_dtype)
             before.append(nll[0])
             bar.update(1)
@@ -72,6 +74,7 @@ def _stream_twice(raw, ids, S, R, W, *, bos_id, eos_id, device, amp_dtype, progr
         for name, st in (("normal", state), ("wiped", state.wipe())):
             out = []
             for b in batches[n_before:]:
+                tick()
                 nll, st = stream_segment(raw, st, b, autocast_dtype=amp_dtype)
                 out.append(nll[0])
                 bar.update(1)

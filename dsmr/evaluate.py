@@ -18,6 +18,7 @@ tokenizers, whose token counts per note differ.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -26,6 +27,7 @@ import torch
 
 from .distributed import sum_over_ranks, unwrap
 from .stream import LaneBatcher, Vocab, check_pieces, check_vocab, segment_length, stream_segment
+from .threads import Policy, governed
 
 BUCKET_EDGES = (1024, 4096, 8192, 16384, 32768)
 BUCKET_LABELS = ("1-1k", "1k-4k", "4k-8k", "8k-16k", "16k-32k", "32k+")
@@ -59,6 +61,7 @@ def evaluate(
     world_size: int = 1,
     tokenizer=None,
     notes: Optional[Sequence[int]] = None,
+    threads: Policy = "auto",
 ) -> dict:
     """Perplexity of ``model`` over ``pieces``, streamed in lanes like training.
 
@@ -77,6 +80,9 @@ def evaluate(
             the statistics with ``all_reduce``; every rank returns the global result.
         tokenizer: the MidiTok tokenizer the pieces were encoded with; adds NLL per note.
         notes: instead of ``tokenizer``, each piece's note count (one int per piece).
+        threads: CPU threads: ``"auto"`` follows the cores other processes leave free
+            (:mod:`dsmr.threads`; inside :func:`dsmr.train.train` the trainer's policy), an int
+            fixes the count, None leaves torch's setting.
 
     Returns:
         ``{"nll", "ppl", "tokens", "nll_sum", "pieces", "buckets": {label: {"tokens", "nll_sum",
@@ -105,8 +111,10 @@ def evaluate(
     was_training = raw.training
     raw.eval()
     state = raw.init_state(batch_lanes, device)
-    try:
+    with governed(threads, device=device) as gov, contextlib.ExitStack() as restore:
+        restore.callback(raw.train, was_training)
         for _ in tqdm(range(batcher.total_batches(1)), desc="eval", disable=not progress, leave=False):
+            gov.tick()
             b = batcher.next_batch()
             nll, state = stream_segment(raw, state, b, autocast_dtype=autocast_dtype if autocast else None)
             mask = b.mask.to(device)
@@ -116,8 +124,6 @@ def evaluate(
             counts += torch.bincount(bucket, minlength=nb).double()
             live = b.piece >= 0
             piece_nll.index_add_(0, b.piece[live].to(device), (nll * mask).sum(1).double()[live.to(device)])
-    finally:
-        raw.train(was_training)
 
     if world_size > 1:
         both = sum_over_ranks(torch.cat([sums, counts, piece_nll]))

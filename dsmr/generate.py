@@ -18,6 +18,7 @@ token, so every sampled sequence has MidiTok ``tokens_errors == 0``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 
 from .checks import check_int
 from .distributed import unwrap
+from .threads import Policy, governed
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -115,7 +117,7 @@ class _GrammarMask:
 
 
 def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eos, device, progress,
-            on_forward=None, grammar=None):
+            on_forward=None, grammar=None, threads="auto"):
     """The loop behind :func:`generate` and :func:`generate_samples` (see the module docstring).
 
     Runs the prompt once (batch 1), copies its state into ``n`` lanes (n > 1), then samples one
@@ -137,7 +139,8 @@ def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eo
             on_forward(logits, state)
         return logits, state
 
-    try:
+    with governed(threads, device=device) as gov, contextlib.ExitStack() as restore:
+        restore.callback(raw.train, was_training)
         toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
         P = toks.shape[1]
         state = raw.init_state(1, device)
@@ -156,6 +159,7 @@ def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eo
 
         desc = "generate" if n == 1 else f"generate x{n}"
         for i in tqdm(range(max_new_tokens), desc=desc, disable=not progress, leave=False):
+            gov.tick()
             if gmask is not None:
                 last = gmask.apply(last)
             step = []
@@ -178,8 +182,6 @@ def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eo
             pos += 1
             if pos % S == 0:
                 state = state.truncate(horizons)
-    finally:
-        raw.train(was_training)
     return new, stopped
 
 
@@ -199,6 +201,7 @@ def generate(
     return_logits: bool = False,
     progress: bool = False,
     grammar=None,
+    threads: Policy = "auto",
 ) -> dict:
     """Continue ``prompt`` by sampling up to ``max_new_tokens`` tokens.
 
@@ -213,6 +216,8 @@ def generate(
         grammar: a MidiTok REMI tokenizer (or a :class:`dsmr.grammar.TokenGrammar`): mask, at every
             step, the tokens that would break its grammar, so the sequence has ``tokens_errors == 0``
             (see :mod:`dsmr.grammar`); with ``stop_at_eos=False`` EOS is masked too. None: no mask.
+        threads: CPU threads: ``"auto"`` follows the cores other processes leave free
+            (:mod:`dsmr.threads`), an int fixes the count, None leaves torch's setting.
 
     Returns: ``{"tokens": prompt + new (list), "new_tokens": list, "stopped_at_eos": bool,
     "max_capacity": per-layer largest cache size (slots) seen, "logits": (T - 1, V) float tensor
@@ -233,7 +238,7 @@ def generate(
     new, stopped = _decode(raw, prompt, max_new_tokens, 1,
                            sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), gen=gen,
                            eos_id=eos_id, stop_at_eos=stop_at_eos, device=device, progress=progress,
-                           on_forward=on_forward, grammar=grammar)
+                           on_forward=on_forward, grammar=grammar, threads=threads)
     new = new[0]
     out = {"tokens": prompt + new, "new_tokens": new, "stopped_at_eos": stopped[0], "max_capacity": max_cap}
     if return_logits:
@@ -258,6 +263,7 @@ def generate_samples(
     device=None,
     progress: bool = False,
     grammar=None,
+    threads: Policy = "auto",
 ) -> list:
     """``num_samples`` independent continuations of one prompt, decoded as a batch of lanes.
 
@@ -266,7 +272,7 @@ def generate_samples(
     and segment rule as :func:`generate`. A lane that samples ``eos_id`` (with ``stop_at_eos``)
     stops; the batch stops when every lane has. Arguments as in :func:`generate`; draws come from
     one seeded generator, lane by lane, so a seed fixes all samples. ``grammar`` masks each lane
-    with its own grammar state, as in :func:`generate`.
+    with its own grammar state, and ``threads`` sets the CPU threads, as in :func:`generate`.
 
     Returns: a list of ``num_samples`` dicts ``{"tokens": prompt + new, "new_tokens",
     "stopped_at_eos"}``.
@@ -278,5 +284,5 @@ def generate_samples(
     new, stopped = _decode(raw, prompt, max_new_tokens, num_samples,
                            sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p), gen=gen,
                            eos_id=eos_id, stop_at_eos=stop_at_eos, device=device, progress=progress,
-                           grammar=grammar)
+                           grammar=grammar, threads=threads)
     return [{"tokens": prompt + n, "new_tokens": n, "stopped_at_eos": st} for n, st in zip(new, stopped)]

@@ -32,7 +32,6 @@ continues a row whose training stopped from its ``last.pt``, and logs what it di
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time

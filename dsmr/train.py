@@ -36,6 +36,7 @@ from .distributed import DistInfo, gather_objects, resolve_device, setup_distrib
 from .evaluate import evaluate
 from .metrics import MetricsLog, plot_curves
 from .model import DSMRConfig, DSMRModel, ModelState
+from .threads import governed
 from .stream import Batch, LaneBatcher, Vocab, check_pieces, check_vocab, resolve_corpus, stream_segment
 
 __all__ = ["TrainConfig", "Run", "lr_at", "configure_optimizer", "setup", "train_step", "train"]
@@ -256,15 +257,15 @@ class _Rate:
         return rate, util
 
 
-def _log(run: Run, stats: dict, metrics: MetricsLog, pbar, rate: _Rate) -> dict:
-    """The step's record; on logged steps with the loss (summed over ranks), lr and throughput."""
+def _log(run: Run, stats: dict, metrics: MetricsLog, pbar, rate: _Rate, threads: int) -> dict:
+    """The step's record; on logged steps with the loss (summed over ranks), lr, throughput and CPU threads."""
     record = {"step": run.step, "epoch": run.batcher.epoch}
     if _due(run.cfg.log_every, run.step) or run.step == run.total_steps:
         total_nll = float(sum_over_ranks(stats["nll_sum"].detach().double().reshape(1))[0])
         loss = total_nll / max(stats["tokens"], 1.0)
         tps, util = rate.take()
         record.update({"type": "train", "loss": loss, "lr": run.optimizer.param_groups[0]["lr"],
-                       "tokens": int(stats["tokens"]), "tokens_per_s": tps, "lane_util": util,
+                       "tokens": int(stats["tokens"]), "tokens_per_s": tps, "lane_util": util, "threads": threads,
                        "grad_norm": None if stats["grad_norm"] is None else float(stats["grad_norm"])})
         metrics.write(record)
         pbar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tps:.0f}", lanes=f"{util:.0%}")
@@ -363,22 +364,26 @@ def _loop(run: Run, metrics: MetricsLog, resume_step: Optional[int], callback, r
     t_start, rate = time.time(), _Rate()
     tokens_seen, slots_seen, train_loss = 0, 0, None
     run.model.train()
-    try:
-        while True:
-            if run.step != resume_step:  # the resumed step's evaluation/checkpoint ran before the kill
-                _evaluate_and_save(run, metrics, pbar, show)
-            if run.step >= run.total_steps:
-                break
-            stats = train_step(run, [run.batcher.next_batch() for _ in range(run.cfg.grad_accum)])
-            tokens_seen += int(stats["tokens"])
-            slots_seen += int(stats["slots"])
-            rate.add(stats)
-            record = _log(run, stats, metrics, pbar, rate)
-            train_loss = record.get("loss", train_loss)
-            if callback is not None:
-                callback(run.step, record)
-    finally:
-        pbar.close()
+    # CPU threads follow the cores other processes leave free (dsmr.threads): a busy core would
+    # otherwise stall every OpenMP barrier of the step.
+    with governed(run.cfg.threads, device=run.device) as gov:
+        try:
+            while True:
+                gov.tick()
+                if run.step != resume_step:  # the resumed step's evaluation/checkpoint ran before the kill
+                    _evaluate_and_save(run, metrics, pbar, show)
+                if run.step >= run.total_steps:
+                    break
+                stats = train_step(run, [run.batcher.next_batch() for _ in range(run.cfg.grad_accum)])
+                tokens_seen += int(stats["tokens"])
+                slots_seen += int(stats["slots"])
+                rate.add(stats)
+                record = _log(run, stats, metrics, pbar, rate, gov.threads)
+                train_loss = record.get("loss", train_loss)
+                if callback is not None:
+                    callback(run.step, record)
+        finally:
+            pbar.close()
     elapsed = time.time() - t_start
     plot = plot_curves(run.out_dir / "metrics.jsonl", run.out_dir / "curves.png") \
         if run.master and run.cfg.plot else None

@@ -43,6 +43,25 @@ def print_table(headers: Sequence[str], rows: List[Sequence]) -> None:
 # options several commands take
 
 
+def _threads(text: str):
+    """``auto`` | ``none`` | N, checked; kept as text so ``none`` survives config merging (None = not given)."""
+    from ..threads import parse_policy
+
+    try:
+        policy = parse_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return "none" if policy is None else policy
+
+
+def add_threads_arg(parser: argparse.ArgumentParser) -> None:
+    """``--threads auto|N|none`` (:mod:`dsmr.threads`); ``args.threads`` is None when not given."""
+    parser.add_argument("--threads", type=_threads, default=None, metavar="auto|N|none",
+                        help="CPU threads: auto (default) uses the cores other processes leave free, re-decided "
+                             "every second, so a busy core does not stall the run; N fixes the count; none "
+                             "leaves torch's setting ($DSMR_THREADS sets what auto means)")
+
+
 def add_source_args(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
     """``--source`` (or a positional source), ``--cache-dir`` and ``--workers``."""
     if positional:
@@ -158,6 +177,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, *, skip: Iterable[str
         help_text = f"{cls.__name__}.{f.name}"
         if f.default is not dataclasses.MISSING:
             help_text += f" (field default {f.default})"
+        if f.metadata.get("help"):
+            help_text += ": " + f.metadata["help"]
         if typ is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)

@@ -1,13 +1,14 @@
 """``dsmr diagnose``: the KV-reset diagnostic of a checkpoint on one piece or many."""
 from __future__ import annotations
 
-from .common import add_checkpoint_args, add_source_args, die, load_checkpoint, load_data, print_table, \
-    split_pieces, write_json
+from .common import add_checkpoint_args, add_source_args, add_threads_arg, die, load_checkpoint, load_data, \
+    print_table, split_pieces, write_json
 
 
 def register(sub) -> None:
     p = sub.add_parser("diagnose", help="KV-reset diagnostic: how much long context a model really uses")
     add_checkpoint_args(p)
+    add_threads_arg(p)
     add_source_args(p)
     p.add_argument("--split", default="test")
     p.add_argument("--piece", type=int, default=0, help="index of the piece within the split")
@@ -22,6 +23,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..threads import governed
+
+    # The loops inside tick this governor (dsmr.threads.tick / train's own, which reuses it).
+    with governed(args.threads or "auto"):
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..diagnostics import kv_reset_diagnostic
 
     model, info = load_checkpoint(args)

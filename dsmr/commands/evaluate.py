@@ -1,13 +1,14 @@
 """``dsmr eval``: perplexity of a checkpoint over a split, NLL per note, and NLL by position in the piece."""
 from __future__ import annotations
 
-from .common import add_checkpoint_args, add_source_args, load_checkpoint, load_data, print_table, split_pieces, \
-    write_json
+from .common import add_checkpoint_args, add_source_args, add_threads_arg, load_checkpoint, load_data, print_table, \
+    split_pieces, write_json
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity and NLL by position of a checkpoint")
     add_checkpoint_args(p)
+    add_threads_arg(p)
     add_source_args(p)
     p.add_argument("--split", default="test")
     p.add_argument("--batch-lanes", type=int, default=8)
@@ -25,7 +26,7 @@ def run(args) -> int:
     pieces, _ = split_pieces(args, cache)
     res = evaluate(model, pieces, pad_id=cache.pad_id, bos_id=cache.bos_id, eos_id=cache.eos_id,
                    batch_lanes=args.batch_lanes, max_pieces=args.max_pieces, progress=True,
-                   autocast=args.autocast, tokenizer=cache.tokenizer())
+                   autocast=args.autocast, tokenizer=cache.tokenizer(), threads=args.threads or "auto")
     print(f"{args.split}: {res['pieces']} pieces, {res['tokens']:,} tokens, NLL {res['nll']:.4f}, "
           f"perplexity {res['ppl']:.3f}")
     if res["nll_per_note"] is not None:

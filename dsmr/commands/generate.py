@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_checkpoint_args, die, load_checkpoint, write_json
+from .common import add_checkpoint_args, add_threads_arg, die, load_checkpoint, write_json
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="continue a MIDI prompt and write a MIDI file")
     add_checkpoint_args(p)
+    add_threads_arg(p)
     p.add_argument("--prompt", help="a .mid/.midi file to continue (default: start from BOS)")
     p.add_argument("--prompt-ids", help="or token ids, comma-separated")
     p.add_argument("--prompt-bars", default=None, metavar="A:B",
@@ -73,7 +74,8 @@ def run(args) -> int:
     if args.num_samples < 1:
         die(f"--num-samples must be >= 1, got {args.num_samples}")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                    eos_id=vocab.get("eos_id"), progress=True, grammar=_grammar(args, tokenizer))
+                    eos_id=vocab.get("eos_id"), progress=True, grammar=_grammar(args, tokenizer),
+                    threads=args.threads or "auto")
     try:
         if args.num_samples == 1:
             samples = [generate(model, prompt, args.max_new_tokens, **sampling)]

@@ -1,7 +1,7 @@
 """``dsmr study``: train every schedule family on the same data and token budget, and compare them.
 
     dsmr study --quick --out runs/study-quick        # every row, a short run (<= 10 min on 2 cores)
-    dsmr study --out runs/study --threads 1          # the default study (demo corpus, tiny preset)
+    dsmr study --out runs/study                      # the default study (demo corpus, tiny preset)
     dsmr study --schedule uniform:m=64 --schedule mine=512,128,0,0
 
 Writes ``OUT/study.csv``, ``OUT/study.md`` and ``OUT/study.png``; rerun the same command after an
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import PRESETS, read_config_file
-from .common import add_source_args, die
+from .common import add_source_args, add_threads_arg, die
 
 
 def register(sub) -> None:
@@ -32,19 +32,23 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="first seed (default 0)")
     p.add_argument("--reset-at", type=int, default=None, help="KRCU: token R where memory is wiped")
     p.add_argument("--device", default=None, help="cpu (default), cuda or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadiest on a busy machine)")
+    add_threads_arg(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
+    from ..threads import governed
 
+    # The loops inside tick this governor (dsmr.threads.tick / train's own, which reuses it).
+    with governed(args.threads or "auto"):
+        return _run(args)
+
+
+def _run(args) -> int:
     from ..study import StudyConfig, run_study
     from .common import load_data
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     over = {k: v for k, v in (("preset", args.preset), ("train_tokens", args.train_tokens),
                               ("batch_lanes", args.batch_lanes), ("noise_seeds", args.seeds), ("seed", args.seed),
                               ("krcu_reset_at", args.reset_at), ("device", args.device)) if v is not None}

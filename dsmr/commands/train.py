@@ -28,20 +28,15 @@ def register(sub) -> None:
     p.add_argument("--out", default=None,
                    help="output folder for checkpoints, metrics and plot (default: [train] out_dir or runs/dsmr)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     add_config_flags(p, DSMRConfig, skip=MODEL_SKIP, title="model (DSMRConfig fields)")
     add_config_flags(p, TrainConfig, skip=TRAIN_SKIP, title="training (TrainConfig fields)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
-
     from ..schedules import describe
     from ..train import train
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         settings = load_settings(args.config, preset=args.preset, schedule=args.schedule,
                                  model=config_overrides(args, DSMRConfig, skip=MODEL_SKIP),

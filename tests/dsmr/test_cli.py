@@ -68,7 +68,8 @@ def trained(workspace):
     root, midis = workspace
     out = root / "run"
     code = main(["train", "--source", str(midis), "--cache-dir", str(root / "cache"), "--out", str(out),
-                 "--max-steps", "4", "--schedule", "two_scale:long=48,short=8,n_long=1", "--workers", "1", *TINY])
+                 "--max-steps", "4", "--schedule", "two_scale:long=48,short=8,n_long=1", "--workers", "1",
+                 "--threads", "1", *TINY])
     assert code == 0
     return out
 
@@ -107,6 +108,19 @@ def test_train_writes_checkpoints_metrics_and_plot(trained):
         assert (trained / name).exists(), name
     cfg = json.loads((trained / "model_config.json").read_text())
     assert cfg["horizons"] == [48, 8] and cfg["d_model"] == 32
+    assert json.loads((trained / "train_config.json").read_text())["threads"] == "1"
+
+
+@pytest.mark.parametrize("cmd", ["train", "eval", "generate"])
+def test_bad_threads_is_a_clear_error(workspace, trained, capsys, cmd):
+    root, midis = workspace
+    common = ["--source", str(midis), "--cache-dir", str(root / "cache"), "--workers", "1"]
+    argv = {"train": ["train", *common, "--out", str(root / "bad"), "--max-steps", "1", *TINY],
+            "eval": ["eval", "--checkpoint", str(trained / "last.pt"), *common],
+            "generate": ["generate", "--checkpoint", str(trained / "last.pt"), "--out", str(root / "x.mid")]}[cmd]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--threads", "zero"])
+    assert e.value.code == 2 and "threads must be 'auto', a positive int or None, got 'zero'" in capsys.readouterr().err
 
 
 def test_train_resume_continues(workspace, trained, capsys):
