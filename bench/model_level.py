@@ -20,6 +20,17 @@ from bench.common import PeakMemory, Section, Table, fmt, mib, plt_agg, spread, 
 MODEL = dict(n_layers=4, d_model=256, n_heads=4, d_ff=1024, segment_len=512)
 
 
+# The `small` preset (dsmr.config.PRESETS) as the issue's paper-comparison row: 8 lanes of a 16k piece.
+SMALL = dict(n_layers=6, d_model=256, n_heads=8, n_kv_heads=4, segment_len=512)
+
+
+def small_setting(quick: bool) -> dict:
+    """Lanes, segments and the two-scale schedule of the `small` preset rows (one round: ~4 min)."""
+    if quick:
+        return dict(lanes=2, n_segments=8, long=2048, short=256, n_long=3, precision="bf16")
+    return dict(lanes=8, n_segments=32, long=4096, short=512, n_long=2, precision="bf16")
+
+
 def setting(quick: bool) -> dict:
     """Piece length and schedule sizes of a run. Quick mode streams fewer segments, shorter horizons."""
     if quick:
@@ -58,11 +69,12 @@ def schedule_list(n_layers: int, long: int, short: int) -> List[Tuple[str, list]
 # Streaming training with the package's own trainer
 
 
-def trainer_run(ids, vocab_size: int, horizons, model: dict, precision: str, n_segments: int):
-    """``(run, batches)``: a :func:`dsmr.train.setup` run (batch 1) and the piece's first segments.
+def trainer_run(ids, vocab_size: int, horizons, model: dict, precision: str, n_segments: int, lanes: int = 1):
+    """``(run, batches)``: a :func:`dsmr.train.setup` run and the piece's first segments.
 
     ``ids`` starts with BOS; the first ``n_segments * segment_len`` inputs are cut by the trainer's
-    own ``LaneBatcher``. TrainConfig defaults except lr 3e-4, no warmup, no clipping (the peer's
+    own ``LaneBatcher``, the same piece in each of ``lanes`` lanes (token values do not change the
+    timing; every lane streams a whole piece with its own memory). TrainConfig defaults except lr 3e-4, no warmup, no clipping (the peer's
     step has none either), CPU, bf16 autocast when ``precision`` is bf16.
     """
     import torch
@@ -74,13 +86,13 @@ def trainer_run(ids, vocab_size: int, horizons, model: dict, precision: str, n_s
     S = model["segment_len"]
     torch.manual_seed(0)
     cfg = DSMRConfig(vocab_size=vocab_size, horizons=horizons, **model)
-    train_cfg = TrainConfig(out_dir="unused", batch_lanes=1, max_steps=n_segments + 1, lr=3e-4, warmup_steps=0,
+    train_cfg = TrainConfig(out_dir="unused", batch_lanes=lanes, max_steps=n_segments + 1, lr=3e-4, warmup_steps=0,
                             grad_clip=0.0, seed=0, shuffle=False, device="cpu", autocast=precision == "bf16",
                             plot=False)
     bos = int(ids[0])
     # Any in-vocab id serves as EOS and pad: they are one target and no input of the timed segments.
-    piece = [ids[1:n_segments * S]]
-    run = setup(cfg, train_cfg, piece, Vocab(vocab_size, bos, bos, bos))
+    pieces = [ids[1:n_segments * S]] * lanes
+    run = setup(cfg, train_cfg, pieces, Vocab(vocab_size, bos, bos, bos))
     return run, [run.batcher.next_batch() for _ in range(n_segments)]
 
 
@@ -94,7 +106,7 @@ def time_steps(run, batches, warmup: int = 1) -> List[float]:
 
     for b in batches[:warmup]:
         train_step(run, [b])
-    run.state = run.raw_model.init_state(1)
+    run.state = run.raw_model.init_state(len(batches[0].inputs))
     times = []
     for b in batches:
         t0 = time.perf_counter()
@@ -110,17 +122,18 @@ def measure(cfg: dict) -> dict:
     from dsmr import schedules as sch
 
     ids = np.load(cfg["piece"])
-    n_tokens = cfg["n_segments"] * cfg["model"]["segment_len"]
+    lanes = cfg.get("lanes", 1)
+    n_tokens = cfg["n_segments"] * cfg["model"]["segment_len"] * lanes
     mem = PeakMemory()
     mem.start()  # right before building the model: torch, the data and the piece are loaded
     run, batches = trainer_run(ids, cfg["vocab_size"], cfg["horizons"], cfg["model"], cfg["precision"],
-                               cfg["n_segments"])
+                               cfg["n_segments"], lanes)
     times = time_steps(run, batches)
     peak = mem.peak_bytes()
     m = cfg["model"]
     head_dim = m["d_model"] // m["n_heads"]
-    bud = sch.budget(cfg["horizons"], piece_len=n_tokens, segment_len=m["segment_len"],
-                     n_kv_heads=m["n_heads"], head_dim=head_dim,
+    bud = sch.budget(cfg["horizons"], piece_len=n_tokens // lanes, segment_len=m["segment_len"],
+                     n_kv_heads=m.get("n_kv_heads") or m["n_heads"], head_dim=head_dim,
                      bytes_per_elem=2 if cfg["precision"] == "bf16" else 4)
     return {
         "tokens_per_s": n_tokens / sum(times),
@@ -140,8 +153,19 @@ def measure(cfg: dict) -> dict:
 
 
 def plan(quick: bool, piece: dict, piece_path: str) -> List[dict]:
-    """One worker configuration per schedule."""
-    s = setting(quick)
+    """One worker configuration per schedule, then the `small` preset's two-scale and full rows."""
+    from dsmr import schedules as sch
+
+    s, sm = setting(quick), small_setting(quick)
+    n = SMALL["n_layers"]
+    small = [
+        {"label": f"small: {label}", "group": "small", "horizons": h, "model": SMALL, "lanes": sm["lanes"],
+         "vocab_size": piece["vocab_size"], "piece": piece_path, "n_segments": sm["n_segments"],
+         "precision": sm["precision"], "rounds": 1}
+        for label, h in (("full", sch.full(n)),
+                         (f"two_scale (long={sm['long']}, short={sm['short']}, n_long={sm['n_long']})",
+                          sch.two_scale(n, sm["long"], sm["short"], sm["n_long"])))
+    ]
     return [
         {
             "label": label,
@@ -153,7 +177,7 @@ def plan(quick: bool, piece: dict, piece_path: str) -> List[dict]:
             "precision": s["precision"],
         }
         for label, horizons in schedule_list(MODEL["n_layers"], s["long"], s["short"])
-    ]
+    ] + small
 
 
 def rows_from(results: List[Tuple[dict, object]]) -> List[dict]:
@@ -177,7 +201,7 @@ def rows_from(results: List[Tuple[dict, object]]) -> List[dict]:
         else:
             row["note"] = res.error[:160]
         rows.append(row)
-    full = next((r for r in rows if r["schedule"] == "full" and "tokens/s" in r), None)
+    full = next((r for r in rows if r["schedule"].endswith("full") and "tokens/s" in r), None)
     for r in rows:
         if full and "tokens/s" in r:
             r["throughput vs full"] = r["tokens/s"] / full["tokens/s"]
@@ -218,7 +242,7 @@ def _plot(results, path) -> bool:
         return False
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for cfg, res in results:
-        if res.ok:
+        if res.ok and cfg.get("group") != "small":
             t = res.data["segment_times"]
             seg = cfg["model"]["segment_len"]
             ax.plot([(i + 1) * seg for i in range(len(t))], [1e3 * x for x in t], label=cfg["label"], lw=1.2)
@@ -233,8 +257,36 @@ def _plot(results, path) -> bool:
     return True
 
 
+def small_table(results, quick: bool) -> List[str]:
+    """Markdown: the `small` preset's two-scale vs full rows, with the paper's ratios beside them."""
+    sm = small_setting(quick)
+    rows = rows_from(results)
+    cols = ["schedule", "horizons", "KV state MiB (end of piece)", "tokens/s", "throughput vs full", "peak MiB",
+            "peak memory vs full", "load (1 min) after", "process wall s", "note"]
+    two = next((r for r in rows if "two_scale" in r["schedule"] and "throughput vs full" in r), None)
+    n_tok = sm["n_segments"] * SMALL["segment_len"]
+    out = [
+        "## The `small` preset: two-scale vs full memory",
+        "",
+        f"- model: the `small` preset ({SMALL['n_layers']} layers, d_model {SMALL['d_model']}, {SMALL['n_heads']} "
+        f"query / {SMALL['n_kv_heads']} KV heads, d_ff {4 * SMALL['d_model']}, segment {SMALL['segment_len']}), "
+        f"{sm['precision']} autocast, {sm['lanes']} lanes each streaming the first {n_tok:,} tokens of the piece "
+        f"(one `train_step` per segment over all lanes), one round; other settings as above",
+        "",
+        Table(cols, rows).markdown(),
+        "",
+    ]
+    if two:
+        out.append(f"Two-scale vs full at the `small` preset: **{two['throughput vs full']:.2f}x training tokens/s, "
+                   f"{two['peak memory vs full']:.2f}x peak memory** (the paper, on a GPU with longer pieces: "
+                   "1.36x and 0.41x).")
+    return out
+
+
 def render(results, quick: bool, piece: dict, out_dir, rounds: int) -> Section:
     s = setting(quick)
+    small = [(c, r) for c, r in results if c.get("group") == "small"]
+    results = [(c, r) for c, r in results if c.get("group") != "small"]
     rows = rows_from(results)
     cols = ["schedule", "horizons", "KV budget (slots/lane)", "KV state MiB (end of piece)", "tokens/s",
             "throughput vs full", "peak MiB", "peak memory vs full", "tokens/s over rounds",
@@ -275,6 +327,8 @@ def render(results, quick: bool, piece: dict, out_dir, rounds: int) -> Section:
         table.markdown(),
         "",
         findings(rows, setting_desc),
+        "",
+        *(small_table(small, quick) if small else []),
     ]
     if piece.get("synthetic"):
         md.insert(0, f"> **Note:** {piece['source']}\n")

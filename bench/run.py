@@ -97,6 +97,8 @@ def run_workers(module: str, configs, args, bar, threads: int, rounds: int):
         order = list(range(len(configs)))
         for i in order if r % 2 == 0 else order[::-1]:
             cfg = configs[i]
+            if r >= cfg.get("rounds", rounds):
+                continue  # a configuration that asks for fewer rounds (the long `small` preset rows)
             tag = f" (round {r + 1}/{rounds})" if rounds > 1 else ""
             bar.set_postfix_str(f"{module.split('.')[-1]}: {cfg['label']}{tag}"[:80])
             res = run_worker(module, cfg, threads, args.timeout)
@@ -191,7 +193,7 @@ def main(argv=None) -> int:
         else:
             plans[name] = modules[name].plan(args.quick, piece, piece_path)
     once = ("op", "generation", "contention")  # one round: contention's busy rows are slow by design
-    total = sum(len(v) * (1 if k in once else args.rounds) for k, v in plans.items())
+    total = sum(min(c.get("rounds", args.rounds), 1 if k in once else args.rounds) for k, v in plans.items() for c in v)
 
     section_meta = {}
     with tqdm(total=total, desc="bench", unit="config", dynamic_ncols=True) as bar:
