@@ -94,6 +94,27 @@ def test_finite_inputs_and_invalid_slot_garbage_skip_the_slow_path(path, monkeyp
     assert calls == [1]
 
 
+@pytest.mark.parametrize("path", ["flash", "tiled", "upcast"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_finite_inputs_whose_sum_overflows_take_the_exact_path(path, dtype, monkeypatch):
+    """The check sums each tensor: huge finite values can overflow the sum. That may only cost the
+    slower zeroed-copy path, never change a result (no row is marked)."""
+    fn = _fn(path, monkeypatch)
+    calls = []
+    real = nonfinite.nonfinite_rows
+    monkeypatch.setattr(nonfinite, "nonfinite_rows", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, mk, mv, ml = make_inputs(1, 2, 2, 8, 4, 8, dtype, mem_len=[4], requires_grad=False)
+    # 128 entries of max/64 sum to 2x max (inf), while a row of attention adds at most 12 of them.
+    big = torch.finfo(dtype).max / 64
+    v[0, :, :, :] = big
+    assert not nonfinite.inputs_finite(q, k, v, mk, mv, [4], 4) or dtype == torch.float16
+    out = fn(q, k, v, mk, mv, ml)
+    ref = segment_memory_attention_ref(q.double(), k.double(), v.double(), mk.double(), mv.double(), ml)
+    assert torch.isfinite(out).all()
+    assert calls or dtype == torch.float16  # fp16 sums in fp32: no overflow, the fast path ran
+    assert max_err(out.double(), ref) <= 2e-2 * big  # rows mix small memory values with big segment ones
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_backward_runs_with_a_nan_row_and_keeps_other_lanes_exact(path, monkeypatch):
     fn = _fn(path, monkeypatch)
