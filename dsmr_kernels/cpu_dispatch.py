@@ -5,7 +5,7 @@ The CPU paths (:mod:`.cpu_paths`) differ in how they use the CPU's matrix units:
 * ``flash`` -- ATen's fused kernel: many small per-tile GEMMs. On AMX those run on AMX tiles
   (measured on a Xeon: bf16 forward 8-9 ms against 22-25 ms for ``tiled``); without AMX its
   bf16 GEMMs gain only ~1.3x over fp32 (bench/results/op.md, AMD EPYC).
-* ``tiled`` -- one large batched bf16 GEMM per 256 x 512 tile: 2-3x over fp32 on AVX512-BF16
+* ``tiled`` -- one large batched bf16 GEMM per 512 x 512 tile: 2-3x over fp32 on AVX512-BF16
   without AMX, where it made bf16 1.5x (forward) and 1.95x (forward + backward) faster than fp32.
 * ``upcast`` -- ``flash`` in fp32: right where the CPU has no bf16 / fp16 arithmetic (AVX2-only
   laptops), whose half-precision GEMMs are emulated (fp16 ran 2-6x slower than fp32).

@@ -4,7 +4,7 @@ Why this exists: ATen's CPU flash kernel issues many small per-tile GEMMs (64 qu
 keys) and converts every score tile, so on CPUs without AMX its bf16 path is hardly faster than
 its fp32 path. Large bf16 GEMMs are 2-3x faster than fp32 ones on AVX512-BF16 hardware. Here each
 tile is one batched GEMM over every (lane, kv head) of a group of lanes, ``R`` query rows and ``C``
-keys (256 x 512 by default), so the GEMMs gain 2-3x from bf16 (ATen's tile GEMMs: ~1.3x), and the
+keys (512 x 512 by default), so the GEMMs gain 2-3x from bf16 (ATen's tile GEMMs: ~1.3x), and the
 softmax work around them is a handful of vectorized fp32 passes (``exp2`` with the scale folded
 into the GEMM).
 
@@ -49,7 +49,9 @@ class TileConfig:
     groups to respect it; one lane is never split, so the bound is ``max(tile_elems, H*rows*cols)``).
     """
 
-    rows: int = 256
+    # 512 rows: a whole 512-token segment per tile, so each key tile is packed and visited once;
+    # measured 7-15% faster forward than 256 rows (S=512, M=2048-4096, H=4-8, B=1-8; backward unchanged).
+    rows: int = 512
     cols: int = 512
     tile_elems: int = 1 << 22
 

@@ -142,8 +142,10 @@ def _tile(t, c: _Call, L: int, b0: int, b1: int):
     p = _probs(qf, kt, lf, c.scale * _LOG2E, mask, G, ws)  # (n, G*R, C) fp32, final-LSE probabilities
     dp = _Workspace.view(ws.b16[1], p.shape)
     torch.bmm(gaf, vat.transpose(1, 2), out=dp)  # dP - delta, K = D + 2
-    ds = _Workspace.view(ws.b32[1], p.shape).copy_(dp).mul_(p)  # P * (dP - delta)
-    dsb = torch.mul(ds, c.scale, out=dp)  # scaled and rounded once, for the dQ and dK GEMMs
+    ds = _Workspace.view(ws.b32[1], p.shape).copy_(dp).mul_(p).mul_(c.scale)  # scale * P * (dP - delta)
+    # Rounded once, for the dQ and dK GEMMs. Same-dtype ops then a plain copy: a mixed-dtype
+    # ``torch.mul(fp32, s, out=bf16)`` took 1.1 ms per (4, 512, 512) tile in training, 13% of a step.
+    dsb = dp.copy_(ds)
     if dq_acc is not None:
         part_q = scratch("dq", qf.shape, q.dtype, q.device)
         torch.bmm(dsb, kt, out=part_q)  # K = C
