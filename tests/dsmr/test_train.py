@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsmr import DSMRConfig
+from dsmr import DSMRConfig, DSMRModel
 from dsmr.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from dsmr.stream import IGNORE_INDEX, LaneBatcher, seq_slice
 from dsmr.train import TrainConfig, lr_at, train
@@ -415,3 +415,26 @@ def test_autocast_bf16_runs(tmp_path):
     assert train(tiny_config(horizons=[8, None]), cfg2, pieces, pieces[:1], pad_id=PAD, bos_id=BOS,
                  eos_id=EOS, resume=True)["step"] == 4
     assert Path(s["metrics"]).exists()
+
+
+def test_cpu_optimizer_is_the_fused_adamw_and_matches_the_foreach_step():
+    from dsmr.train import configure_optimizer
+
+    torch.manual_seed(0)
+    model = DSMRModel(tiny_config())
+    twin = DSMRModel(tiny_config())
+    twin.load_state_dict(model.state_dict())
+    cfg = TrainConfig(max_steps=1, lr=1e-2)
+    fused = configure_optimizer(model, cfg, torch.device("cpu"))
+    assert fused.defaults.get("fused") is True
+    plain = torch.optim.AdamW([{"params": [p for p in twin.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in twin.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=1e-2, betas=(0.9, 0.95))
+    for _ in range(3):
+        for m in (model, twin):
+            for p in m.parameters():
+                p.grad = torch.ones_like(p) * 0.5 + p.detach() * 0.1
+        fused.step()
+        plain.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
