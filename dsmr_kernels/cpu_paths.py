@@ -58,11 +58,14 @@ def _visible_fp32(mem: Optional[torch.Tensor], plan: CpuPlan) -> Optional[torch.
     return mem[:, :, plan.M - L:].float() if mem is not None and L > 0 else None
 
 
-def path_forward(path: str, q, k, v, mem_k, mem_v, plan: CpuPlan, tiles: Optional[TileConfig]):
-    """``(out (B, H, S, D) in q.dtype, lse (B, H, S) fp32)`` by one path, no autograd."""
+def path_forward(path: str, q, k, v, mem_k, mem_v, plan: CpuPlan, tiles: Optional[TileConfig],
+                 keep: Optional[dict] = None):
+    """``(out (B, H, S, D) in q.dtype, lse (B, H, S) fp32)`` by one path, no autograd.
+
+    ``keep``: for the tiled path, a dict that receives probabilities its backward can reuse."""
     if path == "tiled":
         return tiled_forward(q, k, v, mem_k, mem_v, list(plan.lens), plan.M, plan.scale, plan.window,
-                             MASK_CACHE, tiles or TileConfig())
+                             MASK_CACHE, tiles or TileConfig(), keep)
     if path == "upcast" and q.dtype in _HALF:
         out, lse = flash_forward(q.float(), k.float(), v.float(), _visible_fp32(mem_k, plan),
                                  _visible_fp32(mem_v, plan), replace(plan, M=plan.max_len))
@@ -71,11 +74,11 @@ def path_forward(path: str, q, k, v, mem_k, mem_v, plan: CpuPlan, tiles: Optiona
 
 
 def path_backward(path: str, g, q, k, v, mem_k, mem_v, out, lse, plan: CpuPlan, need_q: bool, need_kv: bool,
-                  tiles: Optional[TileConfig]):
+                  tiles: Optional[TileConfig], probs: Optional[dict] = None):
     """``(dq, dk, dv)`` in q.dtype (None where not needed) by one path, from the final out / lse."""
     if path == "tiled":
         return tiled_backward(g, q, k, v, mem_k, mem_v, out, lse, list(plan.lens), plan.M, plan.scale,
-                              plan.window, MASK_CACHE, need_q, need_kv, tiles or TileConfig())
+                              plan.window, MASK_CACHE, need_q, need_kv, tiles or TileConfig(), probs)
     if path == "upcast" and q.dtype in _HALF:
         grads = flash_backward(g.float(), q.float(), k.float(), v.float(), _visible_fp32(mem_k, plan),
                                _visible_fp32(mem_v, plan), out.float(), lse.float(),
@@ -87,8 +90,11 @@ def path_backward(path: str, g, q, k, v, mem_k, mem_v, out, lse, plan: CpuPlan, 
 def _backward(ctx, grad_out, q, k, v, mem_k, mem_v, out, lse, need_q, need_kv):
     route, plan = ctx.route, ctx.plan
 
+    probs, ctx.probs = ctx.probs, None  # read once: the tiles' memory goes with this backward
+
     def run(path):
-        return path_backward(path, grad_out, q, k, v, mem_k, mem_v, out, lse, plan, need_q, need_kv, route.tiles)
+        return path_backward(path, grad_out, q, k, v, mem_k, mem_v, out, lse, plan, need_q, need_kv, route.tiles,
+                             probs if path == "tiled" else None)
 
     path, grads = calibrate(calibration_key("bwd", q.dtype, plan.S), route.bwd, run)
     return grads if grads is not None else run(path)
@@ -99,7 +105,9 @@ class CpuAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, mem_k, mem_v, plan, route):
-        out, lse = path_forward(route.fwd[0], q, k, v, mem_k, mem_v, plan, route.tiles)
+        # tiled both ways: the forward's memory-tile probabilities save the backward a GEMM each.
+        ctx.probs = {} if route.fwd == route.bwd == ("tiled",) else None
+        out, lse = path_forward(route.fwd[0], q, k, v, mem_k, mem_v, plan, route.tiles, ctx.probs)
         ctx.save_for_backward(q, k, v, mem_k, mem_v, out, lse)
         ctx.plan, ctx.route = plan, route
         ctx.mark_non_differentiable(lse)

@@ -54,6 +54,10 @@ class TileConfig:
     rows: int = 512
     cols: int = 512
     tile_elems: int = 1 << 22
+    #: Under autograd, the forward keeps its bf16 probabilities of the memory tiles for the
+    #: backward when they take at most this many bytes per call (0: never), so the backward skips
+    #: those tiles' ``Q K^T`` GEMM and ``exp2`` (see :mod:`.cpu_tiled_bwd`).
+    keep_bytes: int = 32 << 20
 
 
 DEFAULT_TILES = TileConfig()
@@ -211,11 +215,17 @@ def _scores(qf, kt, c: float, mask: Optional[torch.Tensor], G: int, s16: torch.T
 
 @torch.no_grad()
 def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, window: Optional[int],
-                  cache=MASK_CACHE, tiles: TileConfig = DEFAULT_TILES):
+                  cache=MASK_CACHE, tiles: TileConfig = DEFAULT_TILES, keep: Optional[dict] = None):
     """Forward. q: (B, H, S, D); k, v: (B, Hkv, S, D); mem_k, mem_v: (B, Hkv, M, D) or None.
 
     ``lens[b]``: valid memory slots of lane ``b`` (already clipped to ``window - 1``).
     Returns ``out`` (B, H, S, D) in q.dtype and ``lse`` (B, H, S) fp32 (natural log).
+
+    ``keep``: a dict that receives, per memory tile ``(b0, b1, j0, j1)``, the tile's bf16
+    probabilities ``exp2(s - m)`` (nb*Hkv, G*S, C) and the row maxima ``m`` (nb*Hkv, G*S) they are
+    relative to, when one row block covers the segment, there is no window, and all of them fit
+    in ``tiles.keep_bytes``; :func:`.cpu_tiled_bwd.tiled_backward` turns them into the final
+    probabilities with one row scale instead of a GEMM and an ``exp2``.
     """
     B, H, S, D = q.shape
     Hkv = k.shape[1]
@@ -227,6 +237,11 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
     groups = list(_lane_groups(lens, H * R * tiles.cols, tiles.tile_elems))
     elems = max(((b1 - b0) * H * R * tiles.cols for b0, b1, _ in groups), default=0)
     ws = _workspace(elems, q.device, 1, 1, q.dtype)
+    if keep is not None:
+        kept = sum((b1 - b0) * H * S * L for b0, b1, L in groups) * q.element_size()
+        # With a window only some rows see a memory tile: the backward's row slab would differ.
+        if R < S or window is not None or kept > tiles.keep_bytes:
+            keep = None
     for b0, b1, L in groups:
         nb = b1 - b0
         for r0 in range(0, S, R):
@@ -246,6 +261,8 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
                     m_new == _NEG_INF, torch.zeros((), device=q.device), m_new)
                 p = s.sub_(m_sub.unsqueeze(-1)).exp2_()
                 p16 = _Workspace.view(ws.b16[0], p.shape).copy_(p)
+                if keep is not None and t.part == "mem":
+                    keep[(b0, b1, t.j0, t.j1)] = (p16.clone(), m_sub)
                 pv = torch.bmm(p16, vt)
                 if m is None:
                     l = p.sum(-1)

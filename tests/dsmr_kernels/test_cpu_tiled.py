@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from dsmr_kernels import cpu_tiled
+from dsmr_kernels import cpu_tiled, cpu_tiled_bwd
 from dsmr_kernels.cpu_tiled import TileConfig, _lane_groups, _tiles
 from dsmr_kernels.cpu_tiled_bwd import SEG_COLS
 from dsmr_kernels.testing import make_inputs
@@ -45,7 +45,10 @@ def test_tiled_per_lane_mem_len_with_window(mem_len, window, monkeypatch):
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_tiled_backward_keeps_no_copy_of_the_memory(window, monkeypatch):
-    """Saved-for-backward tensors: views of the inputs, plus out and lse; nothing of size M."""
+    """Saved-for-backward tensors: views of the inputs, plus out and lse; nothing of size M.
+
+    (The memory tiles' probabilities the forward keeps for the backward are bounded by
+    ``TileConfig.keep_bytes``: see the two tests below.)"""
     force_route(monkeypatch, "tiled")
     B, H, Hkv, S, M, D = 4, 4, 2, 8, 256, 16
     q, k, v, mk, mv, ml = make_inputs(B, H, Hkv, S, M, D, torch.bfloat16, mem_len=[0, 80, 170, 256])
@@ -148,3 +151,39 @@ def test_tiled_backward_row_blocks_match_one_block(monkeypatch):
     many = forward_backward(torch_op, q, k, v, mk, mv, ml, do, window=17)
     for a, b in zip(one[1:], many[1:]):
         assert (a.float() - b.float()).abs().max() <= 0.02 * b.float().abs().max()
+
+
+@pytest.mark.parametrize("window", [None, 200])
+def test_tiled_backward_reuses_the_forwards_memory_probabilities(window, monkeypatch):
+    """With kept probabilities the memory tiles skip the Q K^T GEMM + exp2 (fewer ``_probs``
+    calls), and out / grads stay within the golden tolerances; without them every tile recomputes."""
+    calls = []
+    real = cpu_tiled_bwd._probs
+    monkeypatch.setattr(cpu_tiled_bwd, "_probs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    counts = {}
+    for keep_bytes in (32 << 20, 0):
+        calls.clear()
+        force_route(monkeypatch, "tiled", tiles=TileConfig(keep_bytes=keep_bytes))
+        check_against_golden(torch_op, torch.bfloat16, 2, 4, 2, 300, 700, 64, window, mem_len=[700, 333])
+        counts[keep_bytes] = len(calls)
+    # lane 0: 700 slots = 2 memory tiles, lane 1: 333 = 1: all reused. With a window only the first
+    # window - 1 rows see memory, so the backward's row slab is not the kept one: it recomputes.
+    mem_tiles = 3 if window is None else 0
+    assert counts[0] - counts[32 << 20] == mem_tiles
+
+
+def test_kept_probabilities_respect_the_byte_budget():
+    B, H, Hkv, S, M, D = 2, 4, 2, 40, 600, 16
+    q, k, v, mk, mv, _ = make_inputs(B, H, Hkv, S, M, D, torch.bfloat16, requires_grad=False)
+    lens = [600, 100]
+    need = (600 + 100) * H * S * 2  # bytes of every memory tile's bf16 probabilities
+    for cfg, expect in ((TileConfig(keep_bytes=need), True), (TileConfig(keep_bytes=need - 1), False),
+                        (TileConfig(rows=16, keep_bytes=1 << 30), False)):  # several row blocks: nothing kept
+        keep = {}
+        out, lse = cpu_tiled.tiled_forward(q, k, v, mk, mv, lens, M, D ** -0.5, None, tiles=cfg, keep=keep)
+        assert bool(keep) == expect
+        if expect:
+            assert sum(p.numel() * p.element_size() for p, _ in keep.values()) == need
+            assert sorted(keep) == [(0, 1, 0, 512), (0, 1, 512, 600), (1, 2, 0, 100)]
+            p, m = keep[(1, 2, 0, 100)]
+            assert p.shape == (Hkv, (H // Hkv) * S, 100) and m.shape == (Hkv, (H // Hkv) * S)
