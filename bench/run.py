@@ -193,7 +193,8 @@ def main(argv=None) -> int:
         else:
             plans[name] = modules[name].plan(args.quick, piece, piece_path)
     once = ("op", "generation", "contention")  # one round: contention's busy rows are slow by design
-    total = sum(min(c.get("rounds", args.rounds), 1 if k in once else args.rounds) for k, v in plans.items() for c in v)
+    total = sum(min(c.get("rounds", args.rounds) if isinstance(c, dict) else 1, 1 if k in once else args.rounds)
+                for k, v in plans.items() for c in v)
 
     section_meta = {}
     with tqdm(total=total, desc="bench", unit="config", dynamic_ncols=True) as bar:
