@@ -18,7 +18,6 @@ tokenizers, whose token counts per note differ.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -111,19 +110,21 @@ def evaluate(
     was_training = raw.training
     raw.eval()
     state = raw.init_state(batch_lanes, device)
-    with governed(threads, device=device) as gov, contextlib.ExitStack() as restore:
-        restore.callback(raw.train, was_training)
-        for _ in tqdm(range(batcher.total_batches(1)), desc="eval", disable=not progress, leave=False):
-            gov.tick()
-            b = batcher.next_batch()
-            nll, state = stream_segment(raw, state, b, autocast_dtype=autocast_dtype if autocast else None)
-            mask = b.mask.to(device)
-            # Position p (1-based) falls in bucket i when edges[i-1] < p <= edges[i].
-            bucket = torch.bucketize(b.positions().to(device) - 1, edges, right=True)[mask]  # (n,)
-            sums.index_add_(0, bucket, nll[mask].double())
-            counts += torch.bincount(bucket, minlength=nb).double()
-            live = b.piece >= 0
-            piece_nll.index_add_(0, b.piece[live].to(device), (nll * mask).sum(1).double()[live.to(device)])
+    with governed(threads, device=device) as gov:
+        try:
+            for _ in tqdm(range(batcher.total_batches(1)), desc="eval", disable=not progress, leave=False):
+                gov.tick()
+                b = batcher.next_batch()
+                nll, state = stream_segment(raw, state, b, autocast_dtype=autocast_dtype if autocast else None)
+                mask = b.mask.to(device)
+                # Position p (1-based) falls in bucket i when edges[i-1] < p <= edges[i].
+                bucket = torch.bucketize(b.positions().to(device) - 1, edges, right=True)[mask]  # (n,)
+                sums.index_add_(0, bucket, nll[mask].double())
+                counts += torch.bincount(bucket, minlength=nb).double()
+                live = b.piece >= 0
+                piece_nll.index_add_(0, b.piece[live].to(device), (nll * mask).sum(1).double()[live.to(device)])
+        finally:
+            raw.train(was_training)
 
     if world_size > 1:
         both = sum_over_ranks(torch.cat([sums, counts, piece_nll]))

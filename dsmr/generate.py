@@ -18,7 +18,6 @@ token, so every sampled sequence has MidiTok ``tokens_errors == 0``.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -139,49 +138,51 @@ def _decode(raw, prompt, max_new_tokens, n, *, sampling, gen, eos_id, stop_at_eo
             on_forward(logits, state)
         return logits, state
 
-    with governed(threads, device=device) as gov, contextlib.ExitStack() as restore:
-        restore.callback(raw.train, was_training)
-        toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
-        P = toks.shape[1]
-        state = raw.init_state(1, device)
-        full = P - P % S
-        logits = None
-        for s0 in range(0, full, S):
-            logits, state = forward(toks[:, s0:s0 + S], state)  # (1, S, V), memory truncated
-        if P > full:
-            # A partial segment: keep its keys untruncated, later tokens of this segment see them.
-            logits, state = forward(toks[:, full:], state, truncate=False)
-        if n > 1:
-            state = _repeat_state(state, n)
-        last = logits[:, -1].expand(n, -1)  # (n, V): every lane starts from the prompt's last logits
-        pos = P
-        from tqdm.auto import tqdm
+    with governed(threads, device=device) as gov:
+        try:
+            toks = torch.tensor(prompt, dtype=torch.long, device=device)[None]  # (1, P)
+            P = toks.shape[1]
+            state = raw.init_state(1, device)
+            full = P - P % S
+            logits = None
+            for s0 in range(0, full, S):
+                logits, state = forward(toks[:, s0:s0 + S], state)  # (1, S, V), memory truncated
+            if P > full:
+                # A partial segment: keep its keys untruncated, later tokens of this segment see them.
+                logits, state = forward(toks[:, full:], state, truncate=False)
+            if n > 1:
+                state = _repeat_state(state, n)
+            last = logits[:, -1].expand(n, -1)  # (n, V): every lane starts from the prompt's last logits
+            pos = P
+            from tqdm.auto import tqdm
 
-        desc = "generate" if n == 1 else f"generate x{n}"
-        for i in tqdm(range(max_new_tokens), desc=desc, disable=not progress, leave=False):
-            gov.tick()
-            if gmask is not None:
-                last = gmask.apply(last)
-            step = []
-            for b in range(n):
-                if stopped[b]:
-                    step.append(eos_id)  # fed so the batch stays rectangular, never kept
-                    continue
-                tok = sample_next(last[b], generator=gen, **sampling)
-                new[b].append(tok)
-                step.append(tok)
-                if stop_at_eos and eos_id is not None and tok == eos_id:
-                    stopped[b] = True
-            if gmask is not None:
-                gmask.g.advance(gmask.state, step)
-            if all(stopped) or i == max_new_tokens - 1:
-                break  # the last token is never fed back
-            step_in = torch.tensor(step, dtype=torch.long, device=device)[:, None]  # (n, 1)
-            logits, state = forward(step_in, state, truncate=False)
-            last = logits[:, -1]
-            pos += 1
-            if pos % S == 0:
-                state = state.truncate(horizons)
+            desc = "generate" if n == 1 else f"generate x{n}"
+            for i in tqdm(range(max_new_tokens), desc=desc, disable=not progress, leave=False):
+                gov.tick()
+                if gmask is not None:
+                    last = gmask.apply(last)
+                step = []
+                for b in range(n):
+                    if stopped[b]:
+                        step.append(eos_id)  # fed so the batch stays rectangular, never kept
+                        continue
+                    tok = sample_next(last[b], generator=gen, **sampling)
+                    new[b].append(tok)
+                    step.append(tok)
+                    if stop_at_eos and eos_id is not None and tok == eos_id:
+                        stopped[b] = True
+                if gmask is not None:
+                    gmask.g.advance(gmask.state, step)
+                if all(stopped) or i == max_new_tokens - 1:
+                    break  # the last token is never fed back
+                step_in = torch.tensor(step, dtype=torch.long, device=device)[:, None]  # (n, 1)
+                logits, state = forward(step_in, state, truncate=False)
+                last = logits[:, -1]
+                pos += 1
+                if pos % S == 0:
+                    state = state.truncate(horizons)
+        finally:
+            raw.train(was_training)
     return new, stopped
 
 
