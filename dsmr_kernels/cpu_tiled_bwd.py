@@ -38,9 +38,12 @@ kept between calls, so a call allocates only its gradients and fp32 accumulators
 Kept probabilities: under autograd, when the tiled forward covers the segment in one row block
 (no window) and every memory tile's bf16 probabilities fit in ``TileConfig.keep_bytes`` (32 MiB
 per call by default), the forward keeps them (``exp2(s - m)`` with its row maxima ``m``) and the
-backward's memory tiles use ``P = p * exp2(m - lse)`` instead of recomputing ``Q K^T`` and
-``exp2``: 9-10% off a bf16 forward+backward at S = 512, M = 2048-4096 (these are also the very
-probabilities the forward multiplied V with). Larger memories recompute, as flash attention does.
+backward's memory tiles skip ``Q K^T`` and ``exp2``: with ``P = diag(exp2(m - lse)) p`` the row
+scale moves past the ``dQ`` GEMM, so such a tile is two GEMMs and one bf16 multiply
+(:func:`_kept_tile`). Measured at S = 512, H = 4, M = 2048-4096: 9-10% off a bf16
+forward+backward for reusing the probabilities, then another 6-9% for moving the row scale (five
+fp32 passes over the tile become one). These are also the very probabilities the forward
+multiplied V with. Larger memories recompute, as flash attention does.
 """
 from __future__ import annotations
 
@@ -149,12 +152,9 @@ def _tile(t, c: _Call, L: int, b0: int, b1: int):
         vat = va[0][b0:b1, :, off + j0:off + j1].flatten(0, 1)
     kept = None if seg or not c.probs or rb - ra != q.shape[2] else c.probs.get((b0, b1, j0, j1))
     if kept is not None:
-        # The forward's bf16 exp2(s - m) times exp2(m - lse): the final probabilities without
-        # the Q K^T GEMM and exp2 (and the very values the forward multiplied V with).
-        p16, m = kept
-        p = _Workspace.view(ws.b32[0], p16.shape).copy_(p16).mul_(torch.exp2(m.unsqueeze(-1) - lf))
-    else:
-        p = _probs(qf, kt, lf, c.scale * _LOG2E, mask, G, ws)  # (n, G*R, C) fp32, final-LSE probabilities
+        _kept_tile(kept, gaf, vat, kt, lf, dq_acc[b0:b1, :, ra:rb], ws)
+        return
+    p = _probs(qf, kt, lf, c.scale * _LOG2E, mask, G, ws)  # (n, G*R, C) fp32, final-LSE probabilities
     dp = _Workspace.view(ws.b16[1], p.shape)
     torch.bmm(gaf, vat.transpose(1, 2), out=dp)  # dP - delta, K = D + 2
     ds = _Workspace.view(ws.b32[1], p.shape).copy_(dp).mul_(p)  # P * (dP - delta)
@@ -173,6 +173,25 @@ def _tile(t, c: _Call, L: int, b0: int, b1: int):
         part_kv = scratch("dkv", kt.shape, q.dtype, q.device)
         dv_acc[rows, cols].add_(torch.bmm(pb.transpose(1, 2), gaf[..., :D], out=part_kv))  # K = G*R
         dk_acc[rows, cols].add_(torch.bmm(dsb.transpose(1, 2), qf, out=part_kv))
+
+
+def _kept_tile(kept, gaf, vat, kt, lf, dq_acc, ws: _Workspace) -> None:
+    """dQ of a memory tile whose forward probabilities were kept: no ``Q K^T`` GEMM, one bf16 pass.
+
+    The final probabilities are ``P = diag(r) p`` with the forward's bf16 ``p = exp2(s - m)`` and
+    the row scale ``r = exp2(m - lse2)``, so ``dS K = diag(r) ((p * (dP - delta)) K)``: the row
+    scale moves past the GEMM onto its (rows x D) output, in fp32. ``p * (dP - delta)`` is
+    rounded to bf16 once, as ``dS`` is on the other tiles; the fp32 round trips of ``P`` and
+    ``dS`` (five passes over the tile) become one bf16 multiply.
+    """
+    p16, m = kept
+    dp = _Workspace.view(ws.b16[1], p16.shape)
+    torch.bmm(gaf, vat.transpose(1, 2), out=dp)  # dP - delta, K = D + 2
+    x = dp.mul_(p16)
+    part_q = scratch("dq", (x.shape[0], x.shape[1], kt.shape[-1]), kt.dtype, kt.device)
+    torch.bmm(x, kt, out=part_q)  # K = C
+    r = torch.exp2(m.unsqueeze(-1) - lf)  # (n, G*R, 1)
+    dq_acc.add_((part_q.float().mul_(r)).view(dq_acc.shape))
 
 
 @torch.no_grad()
