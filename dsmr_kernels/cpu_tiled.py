@@ -260,9 +260,12 @@ def tiled_forward(q, k, v, mem_k, mem_v, lens: List[int], M: int, scale: float, 
                 m_sub = m_new if mask is None else torch.where(
                     m_new == _NEG_INF, torch.zeros((), device=q.device), m_new)
                 p = s.sub_(m_sub.unsqueeze(-1)).exp2_()
-                p16 = _Workspace.view(ws.b16[0], p.shape).copy_(p)
                 if keep is not None and t.part == "mem":
-                    keep[(b0, b1, t.j0, t.j1)] = (p16.clone(), m_sub)
+                    # Rounded straight into the tensor the backward keeps: no second copy.
+                    p16 = torch.empty(p.shape, dtype=q.dtype, device=q.device).copy_(p)
+                    keep[(b0, b1, t.j0, t.j1)] = (p16, m_sub)
+                else:
+                    p16 = _Workspace.view(ws.b16[0], p.shape).copy_(p)
                 pv = torch.bmm(p16, vt)
                 if m is None:
                     l = p.sum(-1)
