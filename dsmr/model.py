@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsmr_kernels import AttentionState, DSMRAttention
+from dsmr_kernels.module import rotary_cos_sin
 
 from . import schedules
 from .checks import check_int
@@ -199,8 +200,8 @@ class Block(nn.Module):
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, state: AttentionState, truncate: bool = True):
-        a, state = self.attn(self.norm1(x), state, truncate=truncate)
+    def forward(self, x, state: AttentionState, truncate: bool = True, rotary=None):
+        a, state = self.attn(self.norm1(x), state, truncate=truncate, rotary=rotary)
         x = x + self.drop(a)
         x = x + self.drop(self.proj(F.gelu(self.fc(self.norm2(x)))))
         return x, state
@@ -274,9 +275,12 @@ class DSMRModel(nn.Module):
         if state.batch != B:
             raise ValueError(f"state has {state.batch} lanes but tokens has batch {B}")
         x = self.drop(self.embed(tokens))  # (B, S, d_model)
+        # Every layer's state sits at the same positions: one set of rotary tables for all.
+        pos = state.pos[:, None] + torch.arange(S, device=tokens.device)  # (B, S)
+        rotary = rotary_cos_sin(pos, self.config.head_dim, self.config.rope_base)
         new_layers = []
         for blk, st in zip(self.blocks, state.layers):
-            x, st = blk(x, st, truncate)
+            x, st = blk(x, st, truncate, rotary)
             new_layers.append(st)
         logits = self.lm_head(self.norm(x))  # (B, S, vocab)
         return logits, ModelState(new_layers)

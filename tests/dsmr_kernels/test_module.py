@@ -279,3 +279,54 @@ def test_reset_with_no_lanes_changes_nothing():
     _, s = attn(torch.randn(2, 5, 32))
     r = s.reset([])
     assert torch.equal(r.mem_len, s.mem_len) and torch.equal(r.pos, s.pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_rotate_qk_matches_apply_rotary_values_and_gradients(dtype, n_kv_heads):
+    """The fused q/k rotation (one autograd node, hand-written backward) against the plain
+    :func:`apply_rotary` on q and k separately: outputs and the gradient reaching the projection."""
+    from dsmr_kernels.module import rotate_qk
+
+    torch.manual_seed(3)
+    B, S, H, D = 2, 9, 4, 8
+    qkv = torch.randn(B, S, (H + 2 * n_kv_heads) * D, dtype=dtype, requires_grad=True)
+    pos = torch.tensor([[5], [40_000]]) + torch.arange(S)  # a large position: the tables' precision
+    cos, sin = rotary_cos_sin(pos, D, 10000.0)
+    q, k = rotate_qk(qkv[..., :(H + n_kv_heads) * D].view(B, S, H + n_kv_heads, D), cos, sin, H)
+    assert q.shape == (B, H, S, D) and k.shape == (B, n_kv_heads, S, D) and q.dtype == k.dtype == dtype
+    assert q.is_contiguous() and k.is_contiguous()
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    (g_fused,) = torch.autograd.grad((q.float() * gq.float()).sum() + (k.float() * gk.float()).sum(), qkv)
+    q_ref = apply_rotary(qkv[..., :H * D].view(B, S, H, D).transpose(1, 2), cos, sin)
+    k_ref = apply_rotary(qkv[..., H * D:(H + n_kv_heads) * D].view(B, S, n_kv_heads, D).transpose(1, 2), cos, sin)
+    (g_ref,) = torch.autograd.grad((q_ref.float() * gq.float()).sum() + (k_ref.float() * gk.float()).sum(), qkv)
+    # Both compute in fp32 (fp64) and round once: equal up to one rounding of the result.
+    tol = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    for a, b in ((q, q_ref), (k, k_ref), (g_fused, g_ref)):
+        assert (a.double() - b.double()).abs().max() <= tol * b.double().abs().max()
+    assert g_fused[..., (H + n_kv_heads) * D:].abs().max() == 0  # v's columns get nothing from here
+
+
+def test_rotate_qk_gradcheck_and_table_shape_error():
+    from dsmr_kernels.module import rotate_qk
+
+    qkv = torch.randn(2, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    cos, sin = rotary_cos_sin(torch.arange(5).expand(2, 5) + 7, 4, 10000.0)
+    assert torch.autograd.gradcheck(lambda t: rotate_qk(t[..., :16].reshape(2, 5, 4, 4), cos, sin, 2), (qkv,))
+    attn = DSMRAttention(8, 2, backend="torch")
+    with pytest.raises(ValueError, match="rotary tables"):
+        attn(torch.randn(2, 5, 8), rotary=rotary_cos_sin(torch.arange(4).expand(2, 4), 4, 10000.0))
+
+
+def test_shared_rotary_tables_give_the_modules_own_result():
+    """A caller's tables (as a model passes to every layer) equal the ones the module computes."""
+    torch.manual_seed(0)
+    attn = DSMRAttention(16, 4, 2, horizon=6, backend="torch")
+    x = torch.randn(2, 5, 16)
+    state = attn.init_state(2)
+    _, state = attn(torch.randn(2, 3, 16), state)  # positions now start at 3
+    own, _ = attn(x, state)
+    tables = rotary_cos_sin(state.pos[:, None] + torch.arange(5), 4, attn.rope_base)
+    shared, _ = attn(x, state, rotary=tables)
+    assert torch.equal(own, shared)
