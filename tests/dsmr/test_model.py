@@ -278,3 +278,48 @@ def test_state_compact_and_wipe():
                           for _ in st.layers])
         d, _ = model(x, empty)
         assert torch.allclose(c, d) and not torch.allclose(a, c)
+
+
+def _rms_norm_float64(x, w, eps):
+    """The norm's formula in float64 (no intermediate rounding): the accuracy yardstick."""
+    x, w = x.double(), w.double()
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
+def test_rms_norm_hand_written_backward_matches_float64(x_dtype, w_dtype):
+    """RMSNorm's custom autograd function: output dtype as the plain formula's, and output and
+    gradients (x and weight) within a few roundings of the input dtype of a float64 autograd."""
+    from dsmr.model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(24).to(w_dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24) * 0.5 + 1)
+    x = (torch.randn(3, 7, 24) * 3).to(x_dtype).requires_grad_()
+    g = torch.randn(3, 7, 24)
+    y = norm(x)
+    assert y.dtype == torch.promote_types(x_dtype, w_dtype)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), g.to(y.dtype))
+    xd = x.detach().double().requires_grad_()
+    wd = norm.weight.detach().double().requires_grad_()
+    y64 = _rms_norm_float64(xd, wd, norm.eps)
+    gx64, gw64 = torch.autograd.grad(y64, (xd, wd), g.double())
+    unit = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 2 ** -8}
+    eps = max(unit[x_dtype], unit[w_dtype])  # the normalized x is rounded to x's dtype
+    for got, want in ((y, y64), (gx, gx64), (gw, gw64)):
+        assert (got.double() - want).abs().max() <= 4 * eps * want.abs().max()
+
+
+def test_rms_norm_gradcheck_and_frozen_weight():
+    from dsmr.model import RMSNorm
+
+    norm = RMSNorm(8).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    norm.weight.requires_grad_(False)
+    norm(x).sum().backward()  # no weight gradient is asked for: none is computed
+    assert norm.weight.grad is None and x.grad is not None
