@@ -7,6 +7,8 @@ The CPU paths (:mod:`.cpu_paths`) differ in how they use the CPU's matrix units:
   bf16 GEMMs gain only ~1.3x over fp32 (bench/results/op.md, AMD EPYC).
 * ``tiled`` -- one large batched bf16 GEMM per 512 x 512 tile: 2-3x over fp32 on AVX512-BF16
   without AMX, where it made bf16 1.5x (forward) and 1.95x (forward + backward) faster than fp32.
+  Its backward's few large GEMMs also beat ATen's fp32 flash backward (11-18% on the EPYC), so
+  the fp32 segment backward calibrates it against ``flash``.
 * ``upcast`` -- ``flash`` in fp32: right where the CPU has no bf16 / fp16 arithmetic (AVX2-only
   laptops), whose half-precision GEMMs are emulated (fp16 ran 2-6x slower than fp32).
 
@@ -107,9 +109,12 @@ def detect_features() -> CpuFeatures:
 Candidates = Tuple[str, ...]
 
 #: (dtype, shape class, CPU class) -> (forward candidates, backward candidates); "*" matches any.
-#: fp32 / fp64 take ``flash`` everywhere (ATen's fp32 kernel reached 60-66% of the fp32 matmul
-#: ceiling). fp16: AMX-FP16 is the only CPU feature that makes fp16 GEMMs fast ("amx_fp16" below
-#: is looked up in place of the CPU class for fp16).
+#: fp32 forwards take ``flash`` (ATen's fp32 kernel reached 60-66% of the fp32 matmul ceiling);
+#: the fp32 segment backward calibrates ``tiled`` against it: on the AMD EPYC its few large fp32
+#: GEMMs beat ATen's flash backward by 11-18% at S = 512, H = 8, M = 0-4096 (same golden
+#: tolerances). fp64 takes ``flash`` everywhere (the tiled buffers are fp32). fp16: AMX-FP16 is
+#: the only CPU feature that makes fp16 GEMMs fast ("amx_fp16" below is looked up in place of
+#: the CPU class for fp16).
 DECISION_TABLE: Dict[Tuple[str, str, str], Tuple[Candidates, Candidates]] = {
     # dtype    shape      CPU class       forward                      backward
     ("bf16", "segment", "amx"): (("flash", "upcast"), ("flash", "tiled", "upcast")),
@@ -120,7 +125,8 @@ DECISION_TABLE: Dict[Tuple[str, str, str], Tuple[Candidates, Candidates]] = {
     ("bf16", "decode", "no_bf16"): (("upcast",), ("upcast",)),
     ("fp16", "*", "amx_fp16"): (("flash",), ("flash",)),
     ("fp16", "*", "no_fp16"): (("upcast",), ("upcast",)),
-    ("fp32", "*", "*"): (("flash",), ("flash",)),
+    ("fp32", "segment", "*"): (("flash",), ("tiled", "flash")),
+    ("fp32", "decode", "*"): (("flash",), ("flash",)),
     ("fp64", "*", "*"): (("flash",), ("flash",)),
 }
 
@@ -136,7 +142,7 @@ def decide(dtype: torch.dtype, shape: str, features: CpuFeatures) -> Tuple[Candi
     """The table's ``(forward candidates, backward candidates)`` for one kind of call."""
     name = _DTYPE_NAMES[dtype]
     cls = ("amx_fp16" if features.amx_fp16 else "no_fp16") if name == "fp16" else features.cpu_class
-    for key in ((name, shape, cls), (name, "*", cls), (name, "*", "*")):
+    for key in ((name, shape, cls), (name, shape, "*"), (name, "*", cls), (name, "*", "*")):
         if key in DECISION_TABLE:
             return DECISION_TABLE[key]
     raise KeyError(f"no CPU path for {name} {shape} on a {cls} CPU")
@@ -160,10 +166,11 @@ def choose(dtype: torch.dtype, S: int, features: Optional[CpuFeatures] = None,
            override: Optional[str] = None) -> Tuple[Candidates, Candidates]:
     """Candidates per direction for a CPU call in ``dtype`` with ``S`` queries.
 
-    ``override`` (else ``$DSMR_CPU_PATH``) wins for half types; fp32 / fp64 always take ``flash``
-    (``upcast`` is the same thing there and ``tiled`` is a bf16 design).
+    ``override`` (else ``$DSMR_CPU_PATH``) wins for every dtype but fp64, which always takes
+    ``flash`` (the tiled path's buffers are fp32; ``upcast`` is ``flash`` there). For fp32,
+    ``upcast`` is ``flash`` on copies.
     """
-    if dtype in (torch.float32, torch.float64):
+    if dtype == torch.float64:
         return ("flash",), ("flash",)
     forced = parse_override(override if override is not None else os.environ.get(ENV_PATH))
     if forced is not None:

@@ -21,7 +21,8 @@ triangle wastes little: 1.25x the visible entries at S = 512 instead of 2x for o
 Memory tiles need only ``dQ`` (memory is detached): three GEMMs, no ``dK``/``dV``. The forward
 (see :mod:`.cpu_tiled`) keeps its query blocks; only the backward is laid out this way.
 
-Precision: GEMMs run in the input dtype (bf16) and round their output once; ``P`` and ``dS`` are
+Precision (fp32 inputs, which the dispatcher may also send here, stay fp32 throughout):
+GEMMs run in the input dtype (bf16) and round their output once; ``P`` and ``dS`` are
 fp32, the scale is folded into ``dS`` before it is rounded, ``dQ`` / ``dK`` / ``dV`` accumulate in
 fp32 and are rounded once at the end. ``dP - delta`` (``delta = rowsum(dO * O)``) comes out of one
 GEMM augmented with two columns (``delta`` split into two bf16 halves), so its rounding is

@@ -36,16 +36,53 @@ def _clean(monkeypatch):
     (LAPTOP, torch.bfloat16, SEG, ("upcast",), ("upcast",)),
     (LAPTOP, torch.bfloat16, DEC, ("upcast",), ("upcast",)),
     (LAPTOP, torch.float16, DEC, ("upcast",), ("upcast",)),
+    # fp32: ATen's forward; the segment backward calibrates the tiled path's large fp32 GEMMs
+    (AMX_XEON, torch.float32, SEG, ("flash",), ("tiled", "flash")),
+    (EPYC, torch.float32, SEG, ("flash",), ("tiled", "flash")),
+    (LAPTOP, torch.float32, SEG, ("flash",), ("tiled", "flash")),
+    (EPYC, torch.float32, DEC, ("flash",), ("flash",)),
 ])
 def test_decision_table(cpu, dtype, S, fwd, bwd):
     assert cd.choose(dtype, S, cpu) == (fwd, bwd)
 
 
 @pytest.mark.parametrize("cpu", [AMX_XEON, EPYC, LAPTOP])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_full_precision_takes_flash_everywhere(cpu, dtype, monkeypatch):
-    monkeypatch.setenv(cd.ENV_PATH, "tiled")  # not even an override moves fp32 off ATen's kernel
-    assert cd.choose(dtype, SEG, cpu) == (("flash",), ("flash",))
+def test_float64_takes_flash_everywhere_and_fp32_honours_the_override(cpu, monkeypatch):
+    monkeypatch.setenv(cd.ENV_PATH, "tiled")  # not even an override moves fp64 off ATen's kernel
+    assert cd.choose(torch.float64, SEG, cpu) == (("flash",), ("flash",))
+    assert cd.choose(torch.float32, SEG, cpu) == (("tiled",), ("tiled",))
+
+
+@pytest.mark.parametrize("fwd,bwd", [("flash", "tiled"), ("tiled", "tiled")])
+@pytest.mark.parametrize("window", [None, 5])
+def test_fp32_through_the_tiled_backward_meets_the_golden_tolerances(fwd, bwd, window, monkeypatch):
+    """The fp32 routes the table (and an override) can pick: flash or tiled forward, tiled
+    backward, with GQA, per-lane memory and several row blocks / key tiles."""
+    from dsmr_kernels.cpu_tiled import TileConfig
+
+    from .cpu_helpers import force_route
+
+    force_route(monkeypatch, fwd, bwd, tiles=TileConfig(8, 16, 1 << 12))
+    check_against_golden(torch_op, torch.float32, 3, 4, 2, 30, 40, 16, window, mem_len=[40, 0, 17])
+    force_route(monkeypatch, fwd, bwd)
+    check_against_golden(torch_op, torch.float32, 2, 4, 1, 300, 700, 32, window, mem_len=[700, 333])
+
+
+def test_fp32_backward_calibration_runs_both_candidates_once(monkeypatch):
+    """First fp32 segment backward: tiled and flash both run (twice each), the choice is cached,
+    the gradients are golden whichever wins, and the next call reuses the choice."""
+    from dsmr_kernels import cpu_paths
+
+    monkeypatch.setattr(cd, "detect_features", lambda: EPYC)
+    ran = []
+    real = cpu_paths.path_backward
+    monkeypatch.setattr(cpu_paths, "path_backward", lambda path, *a, **k: ran.append(path) or real(path, *a, **k))
+    check_against_golden(torch_op, torch.float32, 2, 4, 2, 40, 30, 16, None, mem_len=[30, 11])
+    key = cd.calibration_key("bwd", torch.float32, 40)
+    assert sorted(ran[:4]) == ["flash", "flash", "tiled", "tiled"] and cd._CALIBRATED[key] in ("tiled", "flash")
+    ran.clear()
+    check_against_golden(torch_op, torch.float32, 2, 4, 2, 40, 30, 16, None, mem_len=[30, 11])
+    assert ran == [cd._CALIBRATED[key]]
 
 
 def test_cpu_classes():
@@ -112,7 +149,9 @@ def test_calibrated_amx_routes_are_correct_end_to_end(window, monkeypatch):
 def test_describe_cpu_reports_features_and_paths(monkeypatch):
     info = cd.describe_cpu(EPYC)
     assert info["cpu features"] == "avx2, avx512, avx512_bf16" and info["cpu class"] == "bf16"
-    assert info["bf16 segment"] == "fwd tiled, bwd tiled" and info["fp32 segment"] == "fwd flash, bwd flash"
+    assert info["bf16 segment"] == "fwd tiled, bwd tiled"
+    assert info["fp32 segment"] == "fwd flash, bwd calibrated on first use (of tiled/flash)"
+    assert info["fp32 decode"] == "fwd flash, bwd flash"
     assert "calibrated on first use" in cd.describe_cpu(AMX_XEON)["bf16 segment"]
     monkeypatch.setenv(cd.ENV_PATH, "flash")
     assert cd.describe_cpu(EPYC)["override"] == "DSMR_CPU_PATH=flash"
