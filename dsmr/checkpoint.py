@@ -14,6 +14,8 @@ A checkpoint is one ``dict`` of tensors, dicts, lists, str/int/float/bool/None (
     data   [rank]    LaneBatcher.state_dict(): epoch, order, next piece, each lane's piece/offset
     memory [rank]    ModelState.to_dict(): each layer's KV memory, mem_len and positions
     rng    [rank]    torch / CUDA / numpy / python RNG states encoded as tensors and lists
+    cpu_paths [rank] the CPU attention paths this process calibrated (dsmr_kernels.cpu_dispatch),
+                     so a resumed run rounds as the run it continues
 
 Writes go to a temporary file in the same directory, are flushed and fsync'ed, then
 ``os.replace``'d over the target (atomic on POSIX), and the directory is fsync'ed: a crash at any
@@ -30,6 +32,8 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 import torch
+
+from dsmr_kernels.cpu_dispatch import load_calibration
 
 from .model import DSMRConfig, DSMRModel, ModelState
 
@@ -85,7 +89,7 @@ def set_rng_state(d: dict) -> None:
 def make_checkpoint(*, model, optimizer, scheduler, step: int, epoch: int, model_config, train_config,
                     tokenizer_config: Optional[dict], vocab: dict, data: list, memory: list, rng: list,
                     world_size: int = 1, best_val_ppl: Optional[float] = None,
-                    val: Optional[dict] = None, scaler=None) -> dict:
+                    val: Optional[dict] = None, scaler=None, cpu_paths: Optional[list] = None) -> dict:
     """Assemble the checkpoint dict (see the module docstring)."""
     return {
         "format": FORMAT,
@@ -103,6 +107,7 @@ def make_checkpoint(*, model, optimizer, scheduler, step: int, epoch: int, model
         "data": data,
         "memory": memory,
         "rng": rng,
+        "cpu_paths": cpu_paths if cpu_paths is not None else [[] for _ in rng],
         "world_size": int(world_size),
         "best_val_ppl": best_val_ppl,
         "val": val,
@@ -213,7 +218,9 @@ def restore_training(path: PathLike, *, model, optimizer, scheduler, scaler, bat
 
     ``model`` (unwrapped), ``optimizer``, ``scheduler``, ``scaler`` (a ``GradScaler``) and
     ``batcher`` (a :class:`dsmr.stream.LaneBatcher`) take their states; the RNG states are set to
-    this rank's. The checkpoint must come from the same model config and number of processes.
+    this rank's, and so are the calibrated CPU attention paths (checkpoints written before they
+    were saved have none: the resumed run calibrates anew). The checkpoint must come from the
+    same model config and number of processes.
 
     Returns ``{"step", "state" (this rank's ModelState on device), "best_val_ppl", "val"}``.
     """
@@ -232,6 +239,9 @@ def restore_training(path: PathLike, *, model, optimizer, scheduler, scaler, bat
     batcher.load_state_dict(ck["data"][rank])
     memory = {k: v.to(device).contiguous() for k, v in ck["memory"][rank].items()}
     set_rng_state(ck["rng"][rank])
+    paths = ck.get("cpu_paths")
+    if paths:
+        load_calibration(paths[rank])
     return {
         "step": int(ck["step"]),
         "state": ModelState.from_dict(memory, model_config.n_layers),

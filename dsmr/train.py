@@ -30,6 +30,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from dsmr_kernels.cpu_dispatch import calibration_state
+
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import DistInfo, gather_objects, resolve_device, setup_distributed, sum_over_ranks
@@ -205,6 +207,7 @@ def save(run: Run, paths: List[Path]) -> None:
         "data": run.batcher.state_dict(),
         "memory": {k: v.detach().cpu() for k, v in run.state.to_dict().items()},
         "rng": ckpt.rng_state(),
+        "cpu_paths": calibration_state(),
     }
     per_rank = gather_objects(mine, run.dist)
     if not run.master:
@@ -214,7 +217,8 @@ def save(run: Run, paths: List[Path]) -> None:
         step=run.step, epoch=run.batcher.epoch, model_config=run.model_config, train_config=run.cfg,
         tokenizer_config=run.tokenizer_config, vocab=run.vocab.to_dict(),
         data=[r["data"] for r in per_rank], memory=[r["memory"] for r in per_rank],
-        rng=[r["rng"] for r in per_rank], world_size=run.dist.world_size,
+        rng=[r["rng"] for r in per_rank], cpu_paths=[r["cpu_paths"] for r in per_rank],
+        world_size=run.dist.world_size,
         best_val_ppl=None if math.isinf(run.best_ppl) else run.best_ppl, val=run.last_val,
     )
     for p in paths:

@@ -227,6 +227,24 @@ def clear_calibration() -> None:
         _CALIBRATED.clear()
 
 
+def calibration_state() -> list:
+    """Every calibrated choice as ``[[direction, dtype, shape class, threads, path], ...]``.
+
+    Plain lists, so a training checkpoint can carry them: timings differ from process to
+    process, and a resumed run that re-calibrated could take another path and round differently
+    from the run it continues."""
+    with _LOCK:
+        return [[*key, path] for key, path in sorted(_CALIBRATED.items())]
+
+
+def load_calibration(state: list) -> None:
+    """Adopt choices saved by :func:`calibration_state` (entries naming unknown paths are skipped)."""
+    with _LOCK:
+        for *key, path in state or []:
+            if path in CPU_PATHS and len(key) == 4:
+                _CALIBRATED[(str(key[0]), str(key[1]), str(key[2]), int(key[3]))] = path
+
+
 def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
     """The CPU's features and the path of every kind of call, for bench table headers.
 

@@ -438,3 +438,25 @@ def test_cpu_optimizer_is_the_fused_adamw_and_matches_the_foreach_step():
         plain.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), (a - b).abs().max()
+
+
+def test_resume_adopts_the_calibrated_cpu_paths_of_the_run_it_continues(tmp_path, monkeypatch):
+    """Timings differ between processes: a resumed run that calibrated anew could take another
+    CPU attention path (and round differently). The checkpoint carries the choices instead."""
+    from dsmr_kernels import cpu_dispatch as cd
+
+    monkeypatch.setattr(cd, "_CALIBRATED", {})
+    # "upcast" is no candidate of the fp32 backward: only a restored choice can put it there.
+    chosen = [["bwd", "fp32", "segment", torch.get_num_threads(), "upcast"]]
+    cd.load_calibration(chosen + [["bwd", "fp32", "decode", 1, "no-such-path"]])  # unknown: skipped
+    assert cd.calibration_state() == chosen
+    pieces = motif_corpus(4, seed=1, reps=(2, 5))
+    cfg = TrainConfig(out_dir=str(tmp_path), batch_lanes=2, max_steps=2, eval_every=0, ckpt_every=2,
+                      log_every=1, seed=0, plot=False)
+    train(tiny_config(), cfg, pieces, None, pad_id=PAD, bos_id=BOS, eos_id=EOS)
+    saved = load_checkpoint(tmp_path / "last.pt")["cpu_paths"]
+    assert saved == [chosen]
+    cd.clear_calibration()  # a new process knows nothing
+    cfg2 = TrainConfig(**{**cfg.to_dict(), "max_steps": 3})
+    train(tiny_config(), cfg2, pieces, None, pad_id=PAD, bos_id=BOS, eos_id=EOS, resume=True)
+    assert cd.calibration_state() == chosen
