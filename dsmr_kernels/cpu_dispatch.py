@@ -112,7 +112,8 @@ Candidates = Tuple[str, ...]
 #: fp32 forwards take ``flash`` (ATen's fp32 kernel reached 60-66% of the fp32 matmul ceiling);
 #: the fp32 segment backward calibrates ``tiled`` against it: on the AMD EPYC its few large fp32
 #: GEMMs beat ATen's flash backward by 11-18% at S = 512, H = 8, M = 0-4096 (same golden
-#: tolerances). fp64 takes ``flash`` everywhere (the tiled buffers are fp32). fp16: AMX-FP16 is
+#: tolerances). ``flash`` stays first, i.e. what runs with calibration off: ``tiled`` has not
+#: been timed in fp32 on other CPUs. fp64 takes ``flash`` everywhere (the tiled buffers are fp32). fp16: AMX-FP16 is
 #: the only CPU feature that makes fp16 GEMMs fast ("amx_fp16" below is looked up in place of
 #: the CPU class for fp16).
 DECISION_TABLE: Dict[Tuple[str, str, str], Tuple[Candidates, Candidates]] = {
@@ -125,7 +126,7 @@ DECISION_TABLE: Dict[Tuple[str, str, str], Tuple[Candidates, Candidates]] = {
     ("bf16", "decode", "no_bf16"): (("upcast",), ("upcast",)),
     ("fp16", "*", "amx_fp16"): (("flash",), ("flash",)),
     ("fp16", "*", "no_fp16"): (("upcast",), ("upcast",)),
-    ("fp32", "segment", "*"): (("flash",), ("tiled", "flash")),
+    ("fp32", "segment", "*"): (("flash",), ("flash", "tiled")),
     ("fp32", "decode", "*"): (("flash",), ("flash",)),
     ("fp64", "*", "*"): (("flash",), ("flash",)),
 }
@@ -201,7 +202,8 @@ def calibrate(key: tuple, candidates: Candidates, run: Callable[[str], object]):
     if len(candidates) == 1 or not calibration_enabled():
         return candidates[0], None
     with _LOCK:
-        if key in _CALIBRATED:
+        # A choice restored from a checkpoint written on another CPU may not be a candidate here.
+        if _CALIBRATED.get(key) in candidates:
             return _CALIBRATED[key], None
     times, results = {}, {}
     for name in candidates:
@@ -238,7 +240,8 @@ def calibration_state() -> list:
 
 
 def load_calibration(state: list) -> None:
-    """Adopt choices saved by :func:`calibration_state` (entries naming unknown paths are skipped)."""
+    """Adopt choices saved by :func:`calibration_state` (entries naming unknown paths are skipped;
+    a choice that is not a candidate of this CPU's table is ignored when the call comes)."""
     with _LOCK:
         for *key, path in state or []:
             if path in CPU_PATHS and len(key) == 4:

@@ -23,8 +23,9 @@ Memory tiles need only ``dQ`` (memory is detached): three GEMMs, no ``dK``/``dV`
 
 Precision (fp32 inputs, which the dispatcher may also send here, stay fp32 throughout):
 GEMMs run in the input dtype (bf16) and round their output once; ``P`` and ``dS`` are
-fp32, the scale is folded into ``dS`` before it is rounded, ``dQ`` / ``dK`` / ``dV`` accumulate in
-fp32 and are rounded once at the end. ``dP - delta`` (``delta = rowsum(dO * O)``) comes out of one
+fp32 (``dS`` is rounded once for its GEMMs), the softmax scale is applied to the fp32 ``dQ`` /
+``dK`` accumulators at the end, and ``dQ`` / ``dK`` / ``dV`` accumulate in fp32 and are rounded
+once at the end. ``dP - delta`` (``delta = rowsum(dO * O)``) comes out of one
 GEMM augmented with two columns (``delta`` split into two bf16 halves), so its rounding is
 relative to the difference: with a row's mass on one key ``dP ~ delta``, and a plain bf16 ``dP``
 measured 4-5x the reference's error on dq / dk at S = 17 (the reference subtracts a ``delta``

@@ -6,6 +6,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 
 from .interface import segment_memory_attention
 
@@ -168,7 +169,8 @@ class _RotateQK(torch.autograd.Function):
     and k (B, Hkv, S, D), contiguous, in qk's dtype. The backward is the inverse rotation of the
     incoming gradients and saves only the tables: autograd's version of :func:`apply_rotary`
     kept fp32 copies of q and k and ran about twice the kernels (0.9 ms per layer of a training
-    step at S = 512, d_model 256, against about 0.35 ms here).
+    step at S = 512, d_model 256, against about 0.35 ms here). First derivatives only: a double
+    backward through it raises.
     """
 
     @staticmethod
@@ -186,6 +188,7 @@ class _RotateQK(torch.autograd.Function):
         return q, k
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gq, gk):  # autograd materializes unused outputs' gradients as zeros
         cos, sin = ctx.saved_tensors
         H = ctx.H
@@ -296,9 +299,9 @@ class DSMRAttention(nn.Module):
         if rotary is None:
             pos = state.pos[:, None] + torch.arange(S, device=x.device)  # (B, S) absolute positions
             rotary = rotary_cos_sin(pos, D, self.rope_base)
-        elif rotary[0].shape != (B, 1, S, D // 2):
-            raise ValueError(f"rotary tables must be (B, 1, S, head_dim // 2) = {(B, 1, S, D // 2)}, "
-                             f"got {tuple(rotary[0].shape)}")
+        elif any(t.shape != (B, 1, S, D // 2) for t in rotary):
+            raise ValueError(f"rotary tables (cos, sin) must each be (B, 1, S, head_dim // 2) = "
+                             f"{(B, 1, S, D // 2)}, got {[tuple(t.shape) for t in rotary]}")
         q, k = rotate_qk(qk.view(B, S, H + Hkv, D), *rotary, H)  # (B, H, S, D), (B, Hkv, S, D)
 
         mem_k, mem_v, mem_len = state.mem_k, state.mem_v, state.mem_len

@@ -323,3 +323,9 @@ def test_rms_norm_gradcheck_and_frozen_weight():
     norm.weight.requires_grad_(False)
     norm(x).sum().backward()  # no weight gradient is asked for: none is computed
     assert norm.weight.grad is None and x.grad is not None
+    norm.weight.requires_grad_(True)
+    v = torch.randn(8, dtype=torch.float64, requires_grad=True)  # one vector, no batch dims
+    assert torch.autograd.gradcheck(norm, (v,))
+    (g,) = torch.autograd.grad(norm(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):  # first derivatives only: no silently wrong second ones
+        g.sum().backward()

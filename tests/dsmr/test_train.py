@@ -446,9 +446,12 @@ def test_resume_adopts_the_calibrated_cpu_paths_of_the_run_it_continues(tmp_path
     from dsmr_kernels import cpu_dispatch as cd
 
     monkeypatch.setattr(cd, "_CALIBRATED", {})
-    # "upcast" is no candidate of the fp32 backward: only a restored choice can put it there.
-    chosen = [["bwd", "fp32", "segment", torch.get_num_threads(), "upcast"]]
-    cd.load_calibration(chosen + [["bwd", "fp32", "decode", 1, "no-such-path"]])  # unknown: skipped
+    # Every timed run takes one tick, so calibrating anew would pick the first candidate, flash:
+    # only the restored choice can make it tiled.
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setattr(cd, "_clock", lambda: next(ticks))
+    chosen = [["bwd", "fp32", "segment", torch.get_num_threads(), "tiled"]]
+    cd.load_calibration(chosen)
     assert cd.calibration_state() == chosen
     pieces = motif_corpus(4, seed=1, reps=(2, 5))
     cfg = TrainConfig(out_dir=str(tmp_path), batch_lanes=2, max_steps=2, eval_every=0, ckpt_every=2,

@@ -37,9 +37,9 @@ def _clean(monkeypatch):
     (LAPTOP, torch.bfloat16, DEC, ("upcast",), ("upcast",)),
     (LAPTOP, torch.float16, DEC, ("upcast",), ("upcast",)),
     # fp32: ATen's forward; the segment backward calibrates the tiled path's large fp32 GEMMs
-    (AMX_XEON, torch.float32, SEG, ("flash",), ("tiled", "flash")),
-    (EPYC, torch.float32, SEG, ("flash",), ("tiled", "flash")),
-    (LAPTOP, torch.float32, SEG, ("flash",), ("tiled", "flash")),
+    (AMX_XEON, torch.float32, SEG, ("flash",), ("flash", "tiled")),
+    (EPYC, torch.float32, SEG, ("flash",), ("flash", "tiled")),
+    (LAPTOP, torch.float32, SEG, ("flash",), ("flash", "tiled")),
     (EPYC, torch.float32, DEC, ("flash",), ("flash",)),
 ])
 def test_decision_table(cpu, dtype, S, fwd, bwd):
@@ -133,6 +133,38 @@ def test_calibration_picks_the_fastest_once_and_can_be_turned_off(monkeypatch):
     assert len(runs) == 6
 
 
+def test_a_restored_choice_that_is_no_candidate_here_is_timed_again(monkeypatch):
+    """Checkpoints carry calibrated paths; one written on another CPU class may name a path this
+    CPU's table does not offer for the call: it is ignored and the candidates are timed."""
+    now = [0.0]
+
+    def run(name):
+        now[0] += {"flash": 2.0, "tiled": 1.0}[name]
+        return name
+
+    monkeypatch.setattr(cd, "_clock", lambda: now[0])
+    key = ("bwd", "fp32", "segment", 2)
+    cd.load_calibration([[*key, "upcast"], ["bwd", "fp32", "segment", 2, "no-such-path"]])
+    assert cd.calibration_state() == [[*key, "upcast"]]
+    assert cd.calibrate(key, ("flash", "tiled"), run) == ("tiled", "tiled")
+    assert cd.calibration_state() == [[*key, "tiled"]]
+    cd.load_calibration([[*key, "flash"]])
+    assert cd.calibrate(key, ("flash", "tiled"), run) == ("flash", None)  # a valid restored choice wins
+
+
+def test_fp32_backward_without_calibration_keeps_atens_kernel(monkeypatch):
+    """With calibration off the table's first candidate runs: ATen's fp32 flash backward, as
+    before the tiled candidate existed (tiled is timed in fp32 on the EPYC only)."""
+    from dsmr_kernels import cpu_paths
+
+    monkeypatch.setenv(cd.ENV_CALIBRATE, "0")
+    ran = []
+    real = cpu_paths.path_backward
+    monkeypatch.setattr(cpu_paths, "path_backward", lambda path, *a, **k: ran.append(path) or real(path, *a, **k))
+    check_against_golden(torch_op, torch.float32, 2, 4, 2, 40, 30, 16, None, mem_len=[30, 11])
+    assert ran == ["flash"] and cd.calibration_state() == []
+
+
 @pytest.mark.parametrize("window", [None, 9])
 def test_calibrated_amx_routes_are_correct_end_to_end(window, monkeypatch):
     """On a (mocked) AMX CPU bf16 calibrates its forward and backward on first use; every
@@ -150,7 +182,7 @@ def test_describe_cpu_reports_features_and_paths(monkeypatch):
     info = cd.describe_cpu(EPYC)
     assert info["cpu features"] == "avx2, avx512, avx512_bf16" and info["cpu class"] == "bf16"
     assert info["bf16 segment"] == "fwd tiled, bwd tiled"
-    assert info["fp32 segment"] == "fwd flash, bwd calibrated on first use (of tiled/flash)"
+    assert info["fp32 segment"] == "fwd flash, bwd calibrated on first use (of flash/tiled)"
     assert info["fp32 decode"] == "fwd flash, bwd flash"
     assert "calibrated on first use" in cd.describe_cpu(AMX_XEON)["bf16 segment"]
     monkeypatch.setenv(cd.ENV_PATH, "flash")

@@ -317,6 +317,14 @@ def test_rotate_qk_gradcheck_and_table_shape_error():
     attn = DSMRAttention(8, 2, backend="torch")
     with pytest.raises(ValueError, match="rotary tables"):
         attn(torch.randn(2, 5, 8), rotary=rotary_cos_sin(torch.arange(4).expand(2, 4), 4, 10000.0))
+    good = rotary_cos_sin(torch.arange(5).expand(2, 5), 4, 10000.0)
+    with pytest.raises(ValueError, match="rotary tables"):
+        attn(torch.randn(2, 5, 8), rotary=(good[0], good[1][:, :, :4]))
+    # First derivatives only: a double backward raises instead of giving a wrong answer.
+    q, k = rotate_qk(qkv[..., :16].reshape(2, 5, 4, 4), cos, sin, 2)
+    (g,) = torch.autograd.grad(q.sum() + k.sum(), qkv, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
 
 
 def test_shared_rotary_tables_give_the_modules_own_result():
