@@ -113,9 +113,9 @@ Candidates = Tuple[str, ...]
 #: the fp32 segment backward calibrates ``tiled`` against it: on the AMD EPYC its few large fp32
 #: GEMMs beat ATen's flash backward by 11-18% at S = 512, H = 8, M = 0-4096 (same golden
 #: tolerances). ``flash`` stays first, i.e. what runs with calibration off: ``tiled`` has not
-#: been timed in fp32 on other CPUs. fp64 takes ``flash`` everywhere (the tiled buffers are fp32). fp16: AMX-FP16 is
-#: the only CPU feature that makes fp16 GEMMs fast ("amx_fp16" below is looked up in place of
-#: the CPU class for fp16).
+#: been timed in fp32 on other CPUs. fp64 takes ``flash`` everywhere (the tiled buffers are
+#: fp32). fp16: AMX-FP16 is the only CPU feature that makes fp16 GEMMs fast ("amx_fp16" below is
+#: looked up in place of the CPU class for fp16).
 DECISION_TABLE: Dict[Tuple[str, str, str], Tuple[Candidates, Candidates]] = {
     # dtype    shape      CPU class       forward                      backward
     ("bf16", "segment", "amx"): (("flash", "upcast"), ("flash", "tiled", "upcast")),
@@ -168,8 +168,7 @@ def choose(dtype: torch.dtype, S: int, features: Optional[CpuFeatures] = None,
     """Candidates per direction for a CPU call in ``dtype`` with ``S`` queries.
 
     ``override`` (else ``$DSMR_CPU_PATH``) wins for every dtype but fp64, which always takes
-    ``flash`` (the tiled path's buffers are fp32; ``upcast`` is ``flash`` there). For fp32,
-    ``upcast`` is ``flash`` on copies.
+    ``flash`` (the tiled path's buffers are fp32). For fp32 ``upcast`` is plain ``flash``.
     """
     if dtype == torch.float64:
         return ("flash",), ("flash",)

@@ -42,7 +42,7 @@ Kept probabilities: under autograd, when the tiled forward covers the segment in
 per call by default), the forward keeps them (``exp2(s - m)`` with its row maxima ``m``) and the
 backward's memory tiles skip ``Q K^T`` and ``exp2``: with ``P = diag(exp2(m - lse)) p`` the row
 scale moves past the ``dQ`` GEMM, so such a tile is two GEMMs and one bf16 multiply
-(:func:`_kept_tile`). Measured at S = 512, H = 4, M = 2048-4096: 9-10% off a bf16
+(see :func:`_tile`). Measured at S = 512, H = 4, M = 2048-4096: 9-10% off a bf16
 forward+backward for reusing the probabilities, then another 6-9% for moving the row scale (five
 fp32 passes over the tile become one). These are also the very probabilities the forward
 multiplied V with. Larger memories recompute, as flash attention does.
@@ -153,21 +153,25 @@ def _tile(t, c: _Call, L: int, b0: int, b1: int):
         off = va[0].shape[2] - L  # va[0] holds the newest L_max slots; this lane reads the newest L
         vat = va[0][b0:b1, :, off + j0:off + j1].flatten(0, 1)
     kept = None if seg or not c.probs or rb - ra != q.shape[2] else c.probs.get((b0, b1, j0, j1))
-    if kept is not None:
-        _kept_tile(kept, gaf, vat, kt, lf, dq_acc[b0:b1, :, ra:rb], ws)
-        return
-    p = _probs(qf, kt, lf, c.scale * _LOG2E, mask, G, ws)  # (n, G*R, C) fp32, final-LSE probabilities
-    dp = _Workspace.view(ws.b16[1], p.shape)
+    # Kept memory tiles: the forward's bf16 p = exp2(s - m) gives P = diag(r) p with the row scale
+    # r = exp2(m - lse2), so dS K = diag(r) ((p * (dP - delta)) K): no Q K^T GEMM or exp2, one bf16
+    # multiply for dS instead of the fp32 round trips below, and r applied to dQ's rows in fp32.
+    p = None if kept is not None else _probs(qf, kt, lf, c.scale * _LOG2E, mask, G, ws)  # fp32, final LSE
+    dp = _Workspace.view(ws.b16[1], (n, G * R, C))
     torch.bmm(gaf, vat.transpose(1, 2), out=dp)  # dP - delta, K = D + 2
-    ds = _Workspace.view(ws.b32[1], p.shape).copy_(dp).mul_(p)  # P * (dP - delta)
-    # Rounded once, for the dQ and dK GEMMs; the softmax scale is applied to the fp32 dQ / dK
-    # accumulators at the end instead of to every tile. A plain copy: a mixed-dtype
-    # ``torch.mul(fp32, s, out=bf16)`` took 1.1 ms per (4, 512, 512) tile in training.
-    dsb = dp.copy_(ds)
+    if kept is not None:
+        dsb, row_scale = dp.mul_(kept[0]), torch.exp2(kept[1].unsqueeze(-1) - lf)
+    else:
+        ds = _Workspace.view(ws.b32[1], p.shape).copy_(dp).mul_(p)  # P * (dP - delta)
+        # Rounded once, for the dQ and dK GEMMs; the softmax scale is applied to the fp32 dQ / dK
+        # accumulators at the end instead of to every tile. A plain copy: a mixed-dtype
+        # ``torch.mul(fp32, s, out=bf16)`` took 1.1 ms per (4, 512, 512) tile in training.
+        dsb, row_scale = dp.copy_(ds), None
     if dq_acc is not None:
         part_q = scratch("dq", qf.shape, q.dtype, q.device)
         torch.bmm(dsb, kt, out=part_q)  # K = C
-        dq_acc[b0:b1, :, ra:rb].add_(part_q.view(b1 - b0, Hkv * G, R, D))
+        part = part_q if row_scale is None else part_q.float().mul_(row_scale)
+        dq_acc[b0:b1, :, ra:rb].add_(part.view(b1 - b0, Hkv * G, R, D))
     if seg and dk_acc is not None:
         cols = slice(j0 - L, j1 - L)
         rows = slice(b0 * Hkv, b1 * Hkv)
@@ -175,25 +179,6 @@ def _tile(t, c: _Call, L: int, b0: int, b1: int):
         part_kv = scratch("dkv", kt.shape, q.dtype, q.device)
         dv_acc[rows, cols].add_(torch.bmm(pb.transpose(1, 2), gaf[..., :D], out=part_kv))  # K = G*R
         dk_acc[rows, cols].add_(torch.bmm(dsb.transpose(1, 2), qf, out=part_kv))
-
-
-def _kept_tile(kept, gaf, vat, kt, lf, dq_acc, ws: _Workspace) -> None:
-    """dQ of a memory tile whose forward probabilities were kept: no ``Q K^T`` GEMM, one bf16 pass.
-
-    The final probabilities are ``P = diag(r) p`` with the forward's bf16 ``p = exp2(s - m)`` and
-    the row scale ``r = exp2(m - lse2)``, so ``dS K = diag(r) ((p * (dP - delta)) K)``: the row
-    scale moves past the GEMM onto its (rows x D) output, in fp32. ``p * (dP - delta)`` is
-    rounded to bf16 once, as ``dS`` is on the other tiles; the fp32 round trips of ``P`` and
-    ``dS`` (five passes over the tile) become one bf16 multiply.
-    """
-    p16, m = kept
-    dp = _Workspace.view(ws.b16[1], p16.shape)
-    torch.bmm(gaf, vat.transpose(1, 2), out=dp)  # dP - delta, K = D + 2
-    x = dp.mul_(p16)
-    part_q = scratch("dq", (x.shape[0], x.shape[1], kt.shape[-1]), kt.dtype, kt.device)
-    torch.bmm(x, kt, out=part_q)  # K = C
-    r = torch.exp2(m.unsqueeze(-1) - lf)  # (n, G*R, 1)
-    dq_acc.add_((part_q.float().mul_(r)).view(dq_acc.shape))
 
 
 @torch.no_grad()

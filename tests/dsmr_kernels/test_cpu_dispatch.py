@@ -23,6 +23,16 @@ def _clean(monkeypatch):
     cd.clear_calibration()
 
 
+def _record_backward_paths(monkeypatch) -> list:
+    """The CPU path of every backward run from now on, calibration runs included, in order."""
+    from dsmr_kernels import cpu_paths
+
+    ran = []
+    real = cpu_paths.path_backward
+    monkeypatch.setattr(cpu_paths, "path_backward", lambda path, *a, **k: ran.append(path) or real(path, *a, **k))
+    return ran
+
+
 @pytest.mark.parametrize("cpu,dtype,S,fwd,bwd", [
     # AMX: ATen's kernel runs on AMX tiles; which backward wins is calibrated
     (AMX_XEON, torch.bfloat16, SEG, ("flash", "upcast"), ("flash", "tiled", "upcast")),
@@ -71,12 +81,8 @@ def test_fp32_through_the_tiled_backward_meets_the_golden_tolerances(fwd, bwd, w
 def test_fp32_backward_calibration_runs_both_candidates_once(monkeypatch):
     """First fp32 segment backward: tiled and flash both run (twice each), the choice is cached,
     the gradients are golden whichever wins, and the next call reuses the choice."""
-    from dsmr_kernels import cpu_paths
-
     monkeypatch.setattr(cd, "detect_features", lambda: EPYC)
-    ran = []
-    real = cpu_paths.path_backward
-    monkeypatch.setattr(cpu_paths, "path_backward", lambda path, *a, **k: ran.append(path) or real(path, *a, **k))
+    ran = _record_backward_paths(monkeypatch)
     check_against_golden(torch_op, torch.float32, 2, 4, 2, 40, 30, 16, None, mem_len=[30, 11])
     key = cd.calibration_key("bwd", torch.float32, 40)
     assert sorted(ran[:4]) == ["flash", "flash", "tiled", "tiled"] and cd._CALIBRATED[key] in ("tiled", "flash")
@@ -155,12 +161,8 @@ def test_a_restored_choice_that_is_no_candidate_here_is_timed_again(monkeypatch)
 def test_fp32_backward_without_calibration_keeps_atens_kernel(monkeypatch):
     """With calibration off the table's first candidate runs: ATen's fp32 flash backward, as
     before the tiled candidate existed (tiled is timed in fp32 on the EPYC only)."""
-    from dsmr_kernels import cpu_paths
-
     monkeypatch.setenv(cd.ENV_CALIBRATE, "0")
-    ran = []
-    real = cpu_paths.path_backward
-    monkeypatch.setattr(cpu_paths, "path_backward", lambda path, *a, **k: ran.append(path) or real(path, *a, **k))
+    ran = _record_backward_paths(monkeypatch)
     check_against_golden(torch_op, torch.float32, 2, 4, 2, 40, 30, 16, None, mem_len=[30, 11])
     assert ran == ["flash"] and cd.calibration_state() == []
 
