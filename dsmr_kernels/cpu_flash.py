@@ -103,20 +103,32 @@ def make_plan(dims: OpDims, mem_len: Optional[torch.Tensor], scale: float, windo
 # --------------------------------------------------------------------------------------------
 # Masks (small, cached; none scales with M)
 # --------------------------------------------------------------------------------------------
-def _segment_window_mask(S: int, window: Optional[int], device) -> Optional[torch.Tensor]:
+def mask_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of an additive mask for ATen's CPU flash kernel with ``dtype`` queries.
+
+    fp64 queries need an fp64 mask: the kernel silently computes garbage (errors ~1, gradients
+    too) for fp64 q/k/v with an fp32 mask on AVX2 and plain-C++ ATen builds, where every other
+    mismatch raises (pinned by ``tests/dsmr_kernels/test_aten_contract.py``). Half types keep
+    fp32 masks (accepted and exact), except where a caller builds a half mask to halve its size.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _segment_window_mask(S: int, window: Optional[int], dtype, device) -> Optional[torch.Tensor]:
     """Additive ``(S, S)`` window mask for the segment part (causality is the kernel's own).
 
     None when the window covers the whole segment (``window >= S``).
     """
     if window is None or window >= S:
         return None
+    mdt = mask_dtype(dtype)
 
     def build():
         i = torch.arange(S, device=device)
         far = (i[:, None] - i[None, :]) >= window
-        return torch.zeros(S, S, device=device).masked_fill_(far, _NEG_INF)
+        return torch.zeros(S, S, dtype=mdt, device=device).masked_fill_(far, _NEG_INF)
 
-    return MASK_CACHE.get(("seg", S, window, str(device)), build)
+    return MASK_CACHE.get(("seg", S, window, mdt, str(device)), build)
 
 
 def _segment_fold_mask(S: int, window: Optional[int], groups: int, dtype, device) -> Optional[torch.Tensor]:
@@ -125,21 +137,21 @@ def _segment_fold_mask(S: int, window: Optional[int], groups: int, dtype, device
     Returned only when it fits the cache (it is rebuilt on every call otherwise; the caller then
     repeats the segment keys instead and uses the kernel's own causal path).
     """
-    mask_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32
-    if groups * S * S * torch.finfo(mask_dtype).bits // 8 > MASK_CACHE.max_entry_bytes:
+    mdt = dtype if dtype in (torch.float16, torch.bfloat16) else mask_dtype(dtype)
+    if groups * S * S * torch.finfo(mdt).bits // 8 > MASK_CACHE.max_entry_bytes:
         return None
 
     def build():
         i = torch.arange(S, device=device)
         d = i[:, None] - i[None, :]
         hidden = d < 0 if window is None else (d < 0) | (d >= window)
-        mask = torch.zeros(S, S, dtype=mask_dtype, device=device).masked_fill_(hidden, _NEG_INF)
+        mask = torch.zeros(S, S, dtype=mdt, device=device).masked_fill_(hidden, _NEG_INF)
         return mask.repeat(groups, 1)
 
-    return MASK_CACHE.get(("segfold", S, window, groups, mask_dtype, str(device)), build)
+    return MASK_CACHE.get(("segfold", S, window, groups, mdt, str(device)), build)
 
 
-def _band_mask(R: int, W: int, window: Optional[int], groups: int, device) -> Optional[torch.Tensor]:
+def _band_mask(R: int, W: int, window: Optional[int], groups: int, dtype, device) -> Optional[torch.Tensor]:
     """Additive ``(G*R, W)`` mask for the memory band: query row ``i < R`` over the newest ``W`` slots.
 
     Slot ``t`` of the band (absolute ``M - W + t``) is seen by query ``i`` (absolute ``M + i``) iff
@@ -147,14 +159,15 @@ def _band_mask(R: int, W: int, window: Optional[int], groups: int, device) -> Op
     """
     if window is None or R + W <= window:
         return None
+    mdt = mask_dtype(dtype)
 
     def build():
         i = torch.arange(R, device=device)[:, None]
         t = torch.arange(W, device=device)[None, :]
-        mask = torch.zeros(R, W, device=device).masked_fill_(i + W - t >= window, _NEG_INF)
+        mask = torch.zeros(R, W, dtype=mdt, device=device).masked_fill_(i + W - t >= window, _NEG_INF)
         return mask.repeat(groups, 1) if groups > 1 else mask
 
-    return MASK_CACHE.get(("band", R, W, window, groups, str(device)), build)
+    return MASK_CACHE.get(("band", R, W, window, groups, mdt, str(device)), build)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +212,7 @@ def flash_forward(q, k, v, mem_k, mem_v, plan: CpuPlan):
     qc = _unit_stride(q)
     out, lse = _flash_cpu(
         qc, _repeat_heads(k, p.G), _repeat_heads(v, p.G), 0.0, True,
-        attn_mask=_segment_window_mask(p.S, p.window, q.device), scale=p.scale,
+        attn_mask=_segment_window_mask(p.S, p.window, q.dtype, q.device), scale=p.scale,
     )
     if not p.runs:
         return out, lse
@@ -211,7 +224,7 @@ def flash_forward(q, k, v, mem_k, mem_v, plan: CpuPlan):
             _unit_stride(mem_k[b0:b1, :, M - L:]),
             _unit_stride(mem_v[b0:b1, :, M - L:]),
             0.0, False,
-            attn_mask=_band_mask(R, L, p.window, p.G, q.device), scale=p.scale,
+            attn_mask=_band_mask(R, L, p.window, p.G, q.dtype, q.device), scale=p.scale,
         )
         o_m = o_m.reshape(nb, p.H, R, p.D)
         lse_m = lse_m.reshape(nb, p.H, R)
@@ -242,7 +255,7 @@ def _segment_backward(g, qc, k, v, out, lse, p: CpuPlan, need_kv: bool):
         return dq.reshape(B, H, S, D), dk, dv
     dq, dk, dv = _flash_cpu_backward(
         g, qc, _repeat_heads(k, G), _repeat_heads(v, G), out, lse, 0.0, True,
-        attn_mask=_segment_window_mask(S, p.window, qc.device), scale=p.scale,
+        attn_mask=_segment_window_mask(S, p.window, qc.dtype, qc.device), scale=p.scale,
     )
     if need_kv and G > 1:
         acc = acc_dtype(qc.dtype)
@@ -272,7 +285,7 @@ def flash_backward(g, q, k, v, mem_k, mem_v, out, lse, plan: CpuPlan, need_q: bo
                 _fold(out[b0:b1, :, :R], Hkv),
                 _fold(lse[b0:b1, :, :R], Hkv),
                 0.0, False,
-                attn_mask=_band_mask(R, L, p.window, p.G, q.device), scale=p.scale,
+                attn_mask=_band_mask(R, L, p.window, p.G, q.dtype, q.device), scale=p.scale,
             )
             dq[b0:b1, :, :R].add_(dq_m.reshape(nb, p.H, R, p.D))  # half types: summed in fp32, rounded once
     return (dq if need_q else None), (dk if need_kv else None), (dv if need_kv else None)

@@ -75,15 +75,21 @@ def segment_memory_attention_ref(
         keys = keys.repeat_interleave(dims.groups, dim=1)  # (B, H, M+S, D)
         vals = vals.repeat_interleave(dims.groups, dim=1)
 
-    scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc_dtype) * scale  # (B, H, S, M+S)
-    vis = visibility_mask(S, M, mem_len if M > 0 else None, window, q.device)
-    scores = scores.masked_fill(~vis, float("-inf"))
     # Non-finite input: an output row is non-finite (NaN) iff its query, or a key or value row it
-    # sees, has a NaN or inf entry. Zeroing non-finite value rows keeps 0 * NaN out of rows that
-    # cannot see them (stale inf/NaN in invalid memory slots, future segment keys, out-of-window keys).
+    # sees, has a NaN or inf entry. Those rows are computed on zeros and set to NaN at the end:
+    # 0 * NaN must stay out of rows that cannot see a bad row (stale inf/NaN in invalid memory
+    # slots, future segment keys, out-of-window keys), and a NaN row must not reach a GEMM at all,
+    # because blocked half-precision GEMMs can spill it into neighbouring rows (bf16 on AMX did).
+    vis = visibility_mask(S, M, mem_len if M > 0 else None, window, q.device)
+    q_bad = ~torch.isfinite(q).all(-1)  # (B, H, S)
     kv_bad = ~(torch.isfinite(keys).all(-1) & torch.isfinite(vals).all(-1))  # (B, H, M+S)
-    row_bad = ~torch.isfinite(q).all(-1) | (vis & kv_bad[:, :, None, :]).any(-1)  # (B, H, S)
+    row_bad = q_bad | (vis & kv_bad[:, :, None, :]).any(-1)  # (B, H, S)
+    q = q.masked_fill(q_bad[..., None], 0)
+    keys = keys.masked_fill(kv_bad[..., None], 0)
     vals = vals.masked_fill(kv_bad[..., None], 0)
+
+    scores = torch.matmul(q, keys.transpose(-1, -2)).to(acc_dtype) * scale  # (B, H, S, M+S)
+    scores = scores.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, S)
     probs = torch.exp(scores - lse[..., None])
     out = torch.matmul(probs.to(q.dtype), vals)  # (B, H, S, D)
