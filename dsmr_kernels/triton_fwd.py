@@ -41,7 +41,7 @@ from .triton_common import (
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q,  #
+def _attn_fwd_inner(acc, l_i, m_i, bad, q,  #
                     K, V, MemK, MemV,  #
                     stride_ks, stride_kd, stride_vs, stride_vd,  #
                     stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
@@ -56,6 +56,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
     ``J`` iff ``row_lo[r] <= J <= row_hi[r]``; keys outside ``[key_lo, key_hi)`` are never loaded
     (invalid slots may hold NaN/inf garbage; out-of-bounds loads are silent). With
     ``MASKED=False`` the caller guarantees every row sees every key of every block.
+
+    ``bad`` (BLOCK_M,) int32 marks rows that saw a non-finite value row in a masked block. There
+    a value row can be hidden from some rows of the block (a future key on the causal diagonal,
+    a key past a window edge) and 0 * NaN would poison them, so masked blocks zero non-finite
+    values and flag the rows that do see one; the caller turns flagged rows into NaN (the
+    reference's rule). Unmasked blocks need neither: every row sees every key, and NaN or inf
+    values propagate on their own.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -75,6 +82,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
         if MASKED:
             offs_key = j0 + offs_n
             in_range = (offs_key >= key_lo) & (offs_key < key_hi)
+            # Value rows with a NaN or inf (0 * x is NaN exactly for those), read before the
+            # score tile exists: a check on the loaded V tile later, beside P, spilled registers
+            # at D = 128 on sm_90. Those rows are then loaded as zeros below.
+            v_chk = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+            v_bad = tl.sum(v_chk.to(tl.float32) * 0.0, 1) != 0.0  # (BLOCK_N,)
             k = tl.load(k_ptrs, mask=in_range[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs)
@@ -82,6 +94,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
         if MASKED:
             visible = (offs_key[None, :] >= row_lo[:, None]) & (offs_key[None, :] <= row_hi[:, None])
             qk = tl.where(visible, qk, float("-inf"))
+            bad = tl.maximum(bad, tl.max((visible & v_bad[None, :]).to(tl.int32), 1))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
             # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0
@@ -95,13 +108,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
         l_i = l_i * alpha + l_ij
         acc = acc * alpha[:, None]
         if MASKED:
-            v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(in_range & ~v_bad)[:, None], other=0.0)
         else:
             v = tl.load(v_ptrs)
         # P is rounded to the input dtype before P @ V, like the reference does.
         acc = _mma(p.to(v.dtype), v, acc, UPCAST, FP32_IEEE)
         m_i = m_ij
-    return acc, l_i, m_i
+    return acc, l_i, m_i, bad
 
 
 # 16-bit: 128-row blocks need 8 warps (with 4 they measured 205-255 registers at D=64 on sm_90
@@ -180,6 +193,7 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) so the loop uses exp2
     # load q: it stays in registers for every key block
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -196,13 +210,13 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     n_mem_full = (M - mem_mid) // BLOCK_N
     n_full = n_mem_full + (mid_hi - mid_lo) // BLOCK_N
     row_lo = tl.maximum(mem_lo, M + offs_m - window + 1)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mk_base, mv_base,  #
+    acc, l_i, m_i, bad = _attn_fwd_inner(acc, l_i, m_i, bad, q, k_base, v_base, mk_base, mv_base,  #
                                     stride_ks, stride_kd, stride_vs, stride_vd,  #
                                     stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
                                     n_full, n_mem_full, n_full, mem_mid, M + mid_lo, 0,  #
                                     M, mem_lo, M + S, row_lo, M + offs_m, qk_scale,  #
                                     BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mk_base, mv_base,  #
+    acc, l_i, m_i, bad = _attn_fwd_inner(acc, l_i, m_i, bad, q, k_base, v_base, mk_base, mv_base,  #
                                     stride_ks, stride_kd, stride_vs, stride_vd,  #
                                     stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
                                     n_edge, n_mem_edge, n_win_edge, mem_lo_blk, M + lo, M + mid_hi,  #
@@ -216,6 +230,12 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     # ln <-> log2 round trip (two roundings that showed up as ~1e-6 relative error in fp32 dQ).
     lse2 = m_i + tl.math.log2(l_i)
     acc = acc / l_i[:, None]
+    # Rows that saw a non-finite value row in a masked block (zeroed there), or whose output is
+    # non-finite already (a bad value in an unmasked block, which leaves the LSE finite): NaN in
+    # both, as the reference. One pass over the tile per program, none in the key loop.
+    bad = tl.maximum(bad, tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1), 1))
+    lse2 = tl.where(bad > 0, float("nan"), lse2)
+    acc = tl.where(bad[:, None] > 0, float("nan"), acc)
     tl.store(Lse2 + off_bh.to(tl.int64) * S + offs_m, lse2, mask=row_ok)
     o_ptrs = Out + b64 * stride_ob + off_h.to(tl.int64) * stride_oh \
         + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od

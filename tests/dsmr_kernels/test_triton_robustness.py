@@ -109,3 +109,29 @@ def test_large_query_groups_match_float64_golden(H, Hkv, dtype, B, S, M, window,
         _, lse_gold = segment_memory_attention_ref(_f64(q), _f64(k), _f64(v), _f64(mk), _f64(mv), mlen,
                                                    window=window, return_lse=True)
     assert_close_to_golden("lse", captured["lse"], lse_ref, lse_gold, 2, dtype)
+
+
+@pytest.mark.parametrize("small_blocks", [False, True], ids=["interp-blocks", "16-blocks"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("dtype,window", [(F32, None), (BF16, 5), (F16, None)], ids=str)
+def test_nonfinite_values_follow_the_reference_rule(dtype, window, bad, small_blocks, monkeypatch):
+    """An output row is non-finite iff its query or a key/value row it sees is (the reference's rule).
+
+    A bad *future* value row inside the diagonal block, or one past a window edge, must not poison
+    rows that cannot see it through 0 * NaN in P @ V; rows that see it must turn non-finite."""
+    if small_blocks:
+        monkeypatch.setattr(triton_common, "INTERPRET_META", SMALL_BLOCKS)
+    B, H, Hkv, S, M, D = 2, 2, 1, 21, 9, 16
+    q, k, v, mk, mv, ml = make_inputs(B, H, Hkv, S, M, D, dtype, mem_len=[M, 4], requires_grad=False, seed=6)
+    v[0, 0, 13, 2] = bad  # a future value for rows 0..12 of lane 0, inside their diagonal block
+    v[1, 0, 3, 0] = bad  # lane 1: seen by rows 3.. (and, with a window, only by rows 3..7)
+    mv[1, 0, 8, 1] = bad  # lane 1's newest valid memory slot
+    ref, ref_lse = segment_memory_attention_ref(q, k, v, mk, mv, ml, window=window, return_lse=True)
+    out, lse = _triton(q, k, v, mk, mv, ml, window=window, return_lse=True)
+    want = ~torch.isfinite(ref).all(-1)
+    assert want.any() and not want.all()
+    assert torch.equal(~torch.isfinite(out).all(-1), want)
+    assert torch.equal(~torch.isfinite(lse), ~torch.isfinite(ref_lse))
+    ok = ~want[..., None].expand_as(out)
+    tol = 1e-5 if dtype == F32 else 2e-2
+    assert (out[ok].double() - ref[ok].double()).abs().max().item() < tol
