@@ -87,20 +87,65 @@ def _torch_says(name: str) -> bool:
         return False
 
 
+#: oneDNN's ISA names (``ONEDNN_MAX_CPU_ISA``) by rank; aliases share one. bf16 GEMMs, in ATen's
+#: flash kernel and in ``torch.matmul`` alike, go through oneDNN, so its cap decides what they run on.
+ONEDNN_ISA_RANK = {
+    "SSE41": 0, "AVX": 1, "AVX2": 2, "AVX2_VNNI": 3, "AVX2_VNNI_2": 4, "AVX512_CORE": 5, "AVX512_CORE_VNNI": 6,
+    "AVX512_CORE_BF16": 7, "AVX512_CORE_FP16": 8, "AVX10_1_512": 8, "AVX512_CORE_AMX": 9, "AVX10_1_512_AMX": 9,
+    "AVX512_CORE_AMX_FP16": 10, "AVX10_1_512_AMX_FP16": 10, "AVX10_2_512": 11, "AVX10_2_512_AMX_2": 12, "ALL": 99,
+}
+ENV_CLASS = "DSMR_CPU_CLASS"
+CPU_CLASSES = ("amx", "bf16", "no_bf16")
+
+
+def onednn_isa_cap() -> Optional[str]:
+    """``$ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) upper-cased, None if unset."""
+    text = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return text or None
+
+
+def isa_allows(cap: Optional[str], isa: str) -> bool:
+    """Whether a oneDNN cap admits ``isa``; no cap, or a name oneDNN would ignore, admits all."""
+    if cap is None or cap not in ONEDNN_ISA_RANK or cap == "ALL":
+        return True
+    if "AMX" in isa and "AMX" not in cap:  # AVX10_2_512 ranks above the AMX levels but has no AMX
+        return False
+    return ONEDNN_ISA_RANK[cap] >= ONEDNN_ISA_RANK[isa]
+
+
 @functools.lru_cache(maxsize=1)
 def detect_features() -> CpuFeatures:
-    """This machine's features: /proc/cpuinfo flags, or torch's own cpuinfo probes elsewhere."""
+    """This machine's features: /proc/cpuinfo flags (or torch's cpuinfo probes elsewhere), narrowed
+    to what the process may use: ``ATEN_CPU_CAPABILITY`` (ATen's vector ISA) and
+    ``ONEDNN_MAX_CPU_ISA`` (oneDNN's GEMMs) emulate a smaller CPU with the real kernels, and the
+    paths follow what those caps leave."""
     flags = _cpuinfo_flags()
     arm = platform.machine().lower() in ("aarch64", "arm64")
+    capability = torch.backends.cpu.get_cpu_capability()
+    cap = onednn_isa_cap()
+    avx512_hw = "avx512f" in flags or _torch_says("_is_avx512_supported")
     return CpuFeatures(
-        capability=torch.backends.cpu.get_cpu_capability(),
-        avx2="avx2" in flags or _torch_says("_is_avx2_supported"),
-        avx512="avx512f" in flags or _torch_says("_is_avx512_supported"),
-        avx512_bf16="avx512_bf16" in flags or _torch_says("_is_avx512_bf16_supported"),
-        amx_bf16="amx_bf16" in flags or _torch_says("_is_amx_tile_supported"),
-        amx_fp16="amx_fp16" in flags or _torch_says("_is_amx_fp16_supported"),
+        capability=capability,
+        avx2=("avx2" in flags or _torch_says("_is_avx2_supported")) and capability != "DEFAULT",
+        avx512=avx512_hw and capability.startswith("AVX512") and isa_allows(cap, "AVX512_CORE"),
+        avx512_bf16=("avx512_bf16" in flags or _torch_says("_is_avx512_bf16_supported"))
+        and isa_allows(cap, "AVX512_CORE_BF16"),
+        amx_bf16=("amx_bf16" in flags or _torch_says("_is_amx_tile_supported")) and isa_allows(cap, "AVX512_CORE_AMX"),
+        amx_fp16=("amx_fp16" in flags or _torch_says("_is_amx_fp16_supported"))
+        and isa_allows(cap, "AVX512_CORE_AMX_FP16"),
         arm_bf16=arm and "bf16" in flags,
     )
+
+
+def forced_class() -> Optional[str]:
+    """``$DSMR_CPU_CLASS`` (``amx``, ``bf16`` or ``no_bf16``): take that row of the decision table
+    whatever this CPU is (tests and benchmarks of another CPU class's choices), None if unset."""
+    text = os.environ.get(ENV_CLASS, "").strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text not in CPU_CLASSES:
+        raise ValueError(f"{ENV_CLASS}={text!r}: use one of {CPU_CLASSES} (or unset it)")
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,7 +187,11 @@ def shape_class(S: int) -> str:
 def decide(dtype: torch.dtype, shape: str, features: CpuFeatures) -> Tuple[Candidates, Candidates]:
     """The table's ``(forward candidates, backward candidates)`` for one kind of call."""
     name = _DTYPE_NAMES[dtype]
-    cls = ("amx_fp16" if features.amx_fp16 else "no_fp16") if name == "fp16" else features.cpu_class
+    forced = forced_class()
+    if name == "fp16":
+        cls = "amx_fp16" if (features.amx_fp16 if forced is None else forced == "amx") else "no_fp16"
+    else:
+        cls = forced or features.cpu_class
     for key in ((name, shape, cls), (name, shape, "*"), (name, "*", cls), (name, "*", "*")):
         if key in DECISION_TABLE:
             return DECISION_TABLE[key]
@@ -254,7 +303,11 @@ def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
     "bf16 segment": "fwd tiled, bwd tiled", ...}``.
     """
     feats = features or detect_features()
-    info = {"cpu features": feats.flags, "ATen capability": feats.capability, "cpu class": feats.cpu_class}
+    forced = forced_class()
+    info = {"cpu features": feats.flags, "ATen capability": feats.capability,
+            "cpu class": feats.cpu_class if forced is None else f"{forced} (forced by {ENV_CLASS}; CPU: {feats.cpu_class})"}
+    if onednn_isa_cap():
+        info["oneDNN ISA cap"] = onednn_isa_cap()
     override = os.environ.get(ENV_PATH)
     if parse_override(override) is not None:
         info["override"] = f"{ENV_PATH}={override}"

@@ -192,10 +192,56 @@ def test_describe_cpu_reports_features_and_paths(monkeypatch):
 
 
 def test_detected_features_agree_with_cpuinfo():
+    """What the CPU has, narrowed by the caps this process runs under (the CI matrix sets them)."""
     flags = cd._cpuinfo_flags()
     feats = cd.detect_features()
+    cap = cd.onednn_isa_cap()
     assert feats.capability == torch.backends.cpu.get_cpu_capability()
-    if "avx2" in flags:
+    if "avx2" in flags and feats.capability != "DEFAULT":
         assert feats.avx2
-    if "avx512_bf16" in flags:
+    if "avx512_bf16" in flags and cd.isa_allows(cap, "AVX512_CORE_BF16"):
         assert feats.avx512_bf16 and feats.cpu_class in ("bf16", "amx")
+    if not cd.isa_allows(cap, "AVX512_CORE_BF16"):
+        assert feats.cpu_class == "no_bf16"
+
+
+@pytest.mark.parametrize("cap,isa,allowed", [
+    (None, "AVX512_CORE_AMX", True), ("AVX2", "AVX512_CORE", False), ("AVX2", "AVX2", True),
+    ("AVX512_CORE", "AVX512_CORE_BF16", False), ("AVX512_CORE_BF16", "AVX512_CORE_BF16", True),
+    ("AVX512_CORE_BF16", "AVX512_CORE_AMX", False), ("AVX10_1_512_AMX", "AVX512_CORE_AMX", True),
+    ("AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", False), ("AVX10_2_512", "AVX512_CORE_AMX", False),
+    ("AVX10_2_512", "AVX512_CORE_BF16", True), ("ALL", "AVX512_CORE_AMX_FP16", True), ("NONSENSE", "AVX512_CORE", True),
+])
+def test_onednn_isa_cap_ranks(cap, isa, allowed):
+    assert cd.isa_allows(cap, isa) is allowed
+
+
+@pytest.mark.parametrize("env,cls", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "no_bf16"),
+    ({"ONEDNN_MAX_CPU_ISA": "avx512_core_bf16"}, "bf16"),
+    ({"DNNL_MAX_CPU_ISA": "AVX512_CORE"}, "no_bf16"),
+])
+def test_onednn_cap_narrows_the_cpu_class(monkeypatch, env, cls):
+    """An emulated smaller CPU takes that CPU's row of the table (only where this CPU has more)."""
+    monkeypatch.setattr(cd, "_cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    cd.detect_features.cache_clear()
+    try:
+        assert cd.detect_features().cpu_class == cls
+    finally:
+        cd.detect_features.cache_clear()
+
+
+def test_forced_class_takes_that_row_and_bad_names_raise(monkeypatch):
+    amx = cd.CpuFeatures(avx2=True, avx512=True, avx512_bf16=True, amx_bf16=True)
+    monkeypatch.setenv(cd.ENV_CLASS, "no_bf16")
+    assert cd.decide(torch.bfloat16, "segment", amx) == cd.DECISION_TABLE[("bf16", "segment", "no_bf16")]
+    assert "forced" in cd.describe_cpu(amx)["cpu class"]
+    monkeypatch.setenv(cd.ENV_CLASS, "amx")
+    assert cd.decide(torch.float16, "decode", cd.CpuFeatures()) == cd.DECISION_TABLE[("fp16", "*", "amx_fp16")]
+    monkeypatch.setenv(cd.ENV_CLASS, "avx9000")
+    with pytest.raises(ValueError, match="DSMR_CPU_CLASS"):
+        cd.decide(torch.bfloat16, "segment", amx)
