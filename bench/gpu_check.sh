@@ -4,6 +4,9 @@
 #
 #     bash bench/gpu_check.sh            # results under $OUT (default: gpu-out/)
 #
+# 0. the self-check (python -m dsmr_kernels.check): the op on the CPU and on CUDA (Triton
+#    kernels, the split-KV decode kernel, the generic path), every dtype, against a float64
+#    reference, then a short timing against SDPA; one table, non-zero exit on a wrong result;
 # 1. the Triton kernel tests on the GPU (TRITON_INTERPRET=0), one fixed config per kernel
 #    (DSMR_AUTOTUNE=0) so the run compiles each kernel once per dtype/head dim instead of
 #    autotuning every test shape;
@@ -34,6 +37,11 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
     "$PY" -m pip install --no-index --find-links .gpu-wheels pytest >"$OUT/pip.txt" 2>&1 || true
   fi
 fi
+
+echo "== 0/3 self-check: python -m dsmr_kernels.check"
+timeout 240 "$PY" -m dsmr_kernels.check 2>&1 | tee "$OUT/check.txt" | tail -40
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && { echo "self-check: exit $rc"; status=1; }
 
 echo "== 1/3 kernel tests on CUDA"
 if "$PY" -c "import pytest" 2>/dev/null; then
