@@ -26,7 +26,7 @@ import os
 import platform
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -118,13 +118,14 @@ def detect_features() -> CpuFeatures:
     """This machine's features: /proc/cpuinfo flags (or torch's cpuinfo probes elsewhere), narrowed
     to what the process may use: ``ATEN_CPU_CAPABILITY`` (ATen's vector ISA) and
     ``ONEDNN_MAX_CPU_ISA`` (oneDNN's GEMMs) emulate a smaller CPU with the real kernels, and the
-    paths follow what those caps leave."""
+    paths follow what those caps leave. ``$DSMR_CPU_CLASS`` then sets the matrix-unit flags of the
+    class it names, so that class's row of the table is taken (read once per process)."""
     flags = _cpuinfo_flags()
     arm = platform.machine().lower() in ("aarch64", "arm64")
     capability = torch.backends.cpu.get_cpu_capability()
     cap = onednn_isa_cap()
     avx512_hw = "avx512f" in flags or _torch_says("_is_avx512_supported")
-    return CpuFeatures(
+    feats = CpuFeatures(
         capability=capability,
         avx2=("avx2" in flags or _torch_says("_is_avx2_supported")) and capability != "DEFAULT",
         avx512=avx512_hw and capability.startswith("AVX512") and isa_allows(cap, "AVX512_CORE"),
@@ -135,6 +136,22 @@ def detect_features() -> CpuFeatures:
         and isa_allows(cap, "AVX512_CORE_AMX_FP16"),
         arm_bf16=arm and "bf16" in flags,
     )
+    forced = forced_class()
+    if forced is not None:  # the class's matrix-unit flags, whatever the CPU has
+        feats = replace(feats, amx_bf16=forced == "amx", amx_fp16=forced == "amx" and feats.amx_fp16,
+                        avx512_bf16=forced != "no_bf16" and (feats.avx512_bf16 or not feats.arm_bf16),
+                        arm_bf16=feats.arm_bf16 and forced != "no_bf16")
+    return feats
+
+
+def _unforced_class() -> str:
+    """This CPU's own class, ignoring ``$DSMR_CPU_CLASS`` (for reports)."""
+    saved = os.environ.pop(ENV_CLASS, None)
+    try:
+        return detect_features.__wrapped__().cpu_class
+    finally:
+        if saved is not None:
+            os.environ[ENV_CLASS] = saved
 
 
 def forced_class() -> Optional[str]:
@@ -187,11 +204,7 @@ def shape_class(S: int) -> str:
 def decide(dtype: torch.dtype, shape: str, features: CpuFeatures) -> Tuple[Candidates, Candidates]:
     """The table's ``(forward candidates, backward candidates)`` for one kind of call."""
     name = _DTYPE_NAMES[dtype]
-    forced = forced_class()
-    if name == "fp16":
-        cls = "amx_fp16" if (features.amx_fp16 if forced is None else forced == "amx") else "no_fp16"
-    else:
-        cls = forced or features.cpu_class
+    cls = ("amx_fp16" if features.amx_fp16 else "no_fp16") if name == "fp16" else features.cpu_class
     for key in ((name, shape, cls), (name, shape, "*"), (name, "*", cls), (name, "*", "*")):
         if key in DECISION_TABLE:
             return DECISION_TABLE[key]
@@ -303,9 +316,10 @@ def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
     "bf16 segment": "fwd tiled, bwd tiled", ...}``.
     """
     feats = features or detect_features()
-    forced = forced_class()
+    forced = forced_class() if features is None else None
+    real = _unforced_class() if forced else None
     info = {"cpu features": feats.flags, "ATen capability": feats.capability,
-            "cpu class": feats.cpu_class if forced is None else f"{forced} (forced by {ENV_CLASS}; CPU: {feats.cpu_class})"}
+            "cpu class": feats.cpu_class if forced is None else f"{forced} (forced by {ENV_CLASS}; CPU: {real})"}
     if onednn_isa_cap():
         info["oneDNN ISA cap"] = onednn_isa_cap()
     override = os.environ.get(ENV_PATH)
@@ -313,7 +327,7 @@ def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
         info["override"] = f"{ENV_PATH}={override}"
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for S, shape in ((DECODE_MAX_QUERIES + 1, "segment"), (1, "decode")):
-            fwd, bwd = choose(dtype, S, feats)
+            fwd, bwd = choose(dtype, S, features)
             text = []
             for direction, cands in (("fwd", fwd), ("bwd", bwd)):
                 key = calibration_key(direction, dtype, S)

@@ -18,7 +18,9 @@ The decision, top to bottom:
    what this CPU accelerates; an override by ``path=`` or ``$DSMR_CPU_PATH``) -> a
    :class:`~.cpu_paths.Route` (forward and backward path, or candidates to calibrate), run by
    :func:`~.cpu_paths.run_route`;
-3. either way, non-finite inputs go through :func:`.nonfinite.with_nonfinite_rows`.
+3. either way, non-finite inputs go through :func:`.nonfinite.with_nonfinite_rows`;
+4. every CPU call ticks the thread governor (:func:`.threads.op_tick`): torch's thread count
+   follows the cores other processes leave free, for callers that run their own loops too.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from .cpu_paths import Route, run_route
 from .cpu_tiled import TileConfig
 from .mask_cache import MASK_CACHE, MaskCache, mask_cache_nbytes  # noqa: F401 - re-exported
 from .nonfinite import inputs_finite, with_nonfinite_rows
+from .threads import op_tick
 from .sdpa_generic import generic_forward
 
 _MaskCache = MaskCache  # the names the tests and older callers know
@@ -96,6 +99,9 @@ def torch_forward(
     else:
         if q.device.type != "cpu":
             raise ValueError(f"path={path!r} is a CPU path; tensors on {q.device.type} take path='generic'")
+        # Threads follow the cores other processes leave free (dsmr_kernels.threads): beside one
+        # busy process a 2-thread call spun at OpenMP barriers for 10x its idle time.
+        op_tick()
         plan = make_plan(dims, mem_len, scale, window)
         route = cpu_route(q.dtype, dims, override=path)
         lens = plan.lens

@@ -197,6 +197,9 @@ def test_detected_features_agree_with_cpuinfo():
     feats = cd.detect_features()
     cap = cd.onednn_isa_cap()
     assert feats.capability == torch.backends.cpu.get_cpu_capability()
+    if cd.forced_class() is not None:
+        assert feats.cpu_class == cd.forced_class()
+        return
     if "avx2" in flags and feats.capability != "DEFAULT":
         assert feats.avx2
     if "avx512_bf16" in flags and cd.isa_allows(cap, "AVX512_CORE_BF16"):
@@ -224,7 +227,7 @@ def test_onednn_isa_cap_ranks(cap, isa, allowed):
 def test_onednn_cap_narrows_the_cpu_class(monkeypatch, env, cls):
     """An emulated smaller CPU takes that CPU's row of the table (only where this CPU has more)."""
     monkeypatch.setattr(cd, "_cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", cd.ENV_CLASS):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -236,12 +239,26 @@ def test_onednn_cap_narrows_the_cpu_class(monkeypatch, env, cls):
 
 
 def test_forced_class_takes_that_row_and_bad_names_raise(monkeypatch):
-    amx = cd.CpuFeatures(avx2=True, avx512=True, avx512_bf16=True, amx_bf16=True)
-    monkeypatch.setenv(cd.ENV_CLASS, "no_bf16")
-    assert cd.decide(torch.bfloat16, "segment", amx) == cd.DECISION_TABLE[("bf16", "segment", "no_bf16")]
-    assert "forced" in cd.describe_cpu(amx)["cpu class"]
-    monkeypatch.setenv(cd.ENV_CLASS, "amx")
-    assert cd.decide(torch.float16, "decode", cd.CpuFeatures()) == cd.DECISION_TABLE[("fp16", "*", "amx_fp16")]
-    monkeypatch.setenv(cd.ENV_CLASS, "avx9000")
-    with pytest.raises(ValueError, match="DSMR_CPU_CLASS"):
-        cd.decide(torch.bfloat16, "segment", amx)
+    """``DSMR_CPU_CLASS`` replaces this CPU's class in the detected features (explicit features,
+    as the table's unit tests pass, are what they say)."""
+    monkeypatch.setattr(cd, "_cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.delenv(cd.ENV_PATH, raising=False)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        for forced, row in (("no_bf16", "no_bf16"), ("bf16", "bf16"), ("amx", "amx")):
+            monkeypatch.setenv(cd.ENV_CLASS, forced)
+            cd.detect_features.cache_clear()
+            assert cd.detect_features().cpu_class == row
+            assert cd.choose(torch.bfloat16, 512) == cd.DECISION_TABLE[("bf16", "segment", row)]
+        monkeypatch.setenv(cd.ENV_CLASS, "no_bf16")
+        cd.detect_features.cache_clear()
+        info = cd.describe_cpu()
+        assert info["cpu class"].startswith("no_bf16 (forced") and "CPU: amx" in info["cpu class"]
+        assert info["bf16 segment"] == "fwd upcast, bwd upcast"
+        monkeypatch.setenv(cd.ENV_CLASS, "avx9000")
+        cd.detect_features.cache_clear()
+        with pytest.raises(ValueError, match="DSMR_CPU_CLASS"):
+            cd.detect_features()
+    finally:
+        cd.detect_features.cache_clear()
