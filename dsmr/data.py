@@ -1,6 +1,6 @@
 """The token cache: every piece of a corpus tokenized once, stored compactly, reloaded in a blink.
 
-    >>> cache = prepare_cache("demo")              # or a MAESTRO folder, or any folder of MIDI files
+    >>> cache = prepare_cache("demo")     # or "music21", a MAESTRO or ASAP folder, or any folder of MIDI files
     >>> cache.splits
     ('train', 'validation', 'test')
     >>> pieces = cache.pieces("train")            # list of (T_i,) int32 arrays, whole pieces, no BOS/EOS
@@ -209,6 +209,17 @@ class TokenCache:
         """Files left out of the cache: ``[{"name": ..., "reason": ...}]``."""
         return list(self.index["skipped"])
 
+    @property
+    def demo_overlap(self) -> dict:
+        """ASAP caches: the pieces the demo corpus also holds (see :func:`dsmr.sources.asap_source`).
+
+        ``{"pieces": [[composer, title, demo file]], "recordings": [...], "files": [...], "dropped":
+        bool}``: ``files`` are this cache's piece names of the same music as a demo file; leave them
+        out of any split compared with the demo corpus (or build with ``drop_demo_overlap=True``).
+        ``{}`` for other sources.
+        """
+        return dict(self.index.get("demo_overlap") or {})
+
     def stats(self) -> dict:
         """Per split: pieces, tokens, min/median/max piece length; plus the skipped count.
 
@@ -251,6 +262,8 @@ def cache_key(tokenizer_params: dict, source: Source) -> str:
         except OSError:
             files.append([f.name, f.split, -1, -1])
     payload = {"format": CACHE_FORMAT, "tokenizer": tok, "files": files, "missing": sorted(source.missing)}
+    if source.skipped:  # only when there are some, so the keys of existing caches stay as they were
+        payload["skipped"] = sorted(item["name"] for item in source.skipped)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -371,7 +384,12 @@ def _build(source: Source, tokenizer, params: dict, key: str, final: Path, worke
             else:
                 pieces.append({"name": f.name, "split": f.split, "length": int(ids.size)})
                 arrays.append(ids)
-        skipped += [{"name": n, "reason": "listed in the MAESTRO CSV but missing on disk"} for n in source.missing]
+        listing = {"maestro": "the MAESTRO CSV", "asap": "ASAP's metadata.csv"}.get(source.kind, "the source's listing")
+        skipped += [{"name": n, "reason": f"listed in {listing} but missing on disk"} for n in source.missing]
+        for item in source.skipped:  # e.g. music21 works that could not be made into MIDI
+            warnings.warn(MidiSkipWarning(f"skipping {item['name']}: {item['reason']}", item["name"], item["reason"]),
+                          stacklevel=3)
+            skipped.append(dict(item))
 
         vocab = len(tokenizer)
         dtype = np.int16 if vocab <= np.iinfo(np.int16).max + 1 else np.int32
@@ -395,6 +413,7 @@ def _build(source: Source, tokenizer, params: dict, key: str, final: Path, worke
             "splits": split_totals,
             "pieces": pieces,
             "skipped": skipped,
+            "demo_overlap": source.demo_overlap,
             "build": {"seconds": round(seconds, 3), "workers": workers,
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             # Written last, inside a folder nobody reads until the rename below.
@@ -418,19 +437,23 @@ def _build(source: Source, tokenizer, params: dict, key: str, final: Path, worke
 
 
 def _slug(source: Source) -> str:
-    if source.kind in ("demo", "maestro"):
+    if source.kind in ("demo", "maestro", "asap", "music21"):
         return source.kind
     return f"{source.kind}-" + (re.sub(r"[^A-Za-z0-9_.-]+", "_", source.root.name)[:40] or "root")
 
 
 def prepare_cache(source: PathLike, cache_dir: Optional[PathLike] = None, tokenizer_config=None,
                   workers: int = 2, progress: bool = True, *, valid_fraction: float = 0.1,
-                  test_fraction: float = 0.1) -> TokenCache:
+                  test_fraction: float = 0.1, drop_demo_overlap: bool = False) -> TokenCache:
     """Tokenize a corpus once and return its :class:`TokenCache` (reused when nothing changed).
 
     source
-        ``"demo"`` (fetched on first use, see :func:`dsmr.sources.fetch_demo`), a MAESTRO v3 folder
-        (the root or a parent; recognised by ``maestro-v3.0.0.csv``) or any folder of
+        ``"demo"`` (fetched on first use, see :func:`dsmr.sources.fetch_demo`); ``"music21"`` or
+        ``"music21:NAME,..."`` (music21's bundled corpus, works joined from their movements and
+        converted once, in parallel and resumably, see :mod:`dsmr.music21_corpus`; needs
+        ``pip install 'dsmr[music21]'``); a MAESTRO v3 folder (the root or a parent; recognised by
+        ``maestro-v3.0.0.csv``); an ASAP folder (recognised by its ``metadata.csv``; split by
+        (composer, title), see :func:`dsmr.sources.asap_source`); or any folder of
         ``.mid``/``.midi`` files (split by file-name hash with ``valid_fraction``/``test_fraction``).
     cache_dir
         Cache root: token caches go to ``<root>/tokens/``, the demo corpus to ``<root>/demo/``.
@@ -443,12 +466,17 @@ def prepare_cache(source: PathLike, cache_dir: Optional[PathLike] = None, tokeni
         Tokenizing processes (1 = in this process).
     progress
         Show a progress bar and print a one-line build summary to stderr.
+    drop_demo_overlap
+        ASAP only: leave out every performance of the pieces the demo corpus also holds (for
+        comparisons with the demo corpus); without it they are kept and listed in
+        :attr:`TokenCache.demo_overlap`.
 
     Unreadable, empty and note-less files are skipped with a :class:`MidiSkipWarning` and listed
     in ``cache.skipped``; a build never stops for one file.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
-    src = resolve_source(source, root, valid_fraction, test_fraction)
+    src = resolve_source(source, root, valid_fraction, test_fraction, drop_demo_overlap=drop_demo_overlap,
+                         workers=workers, progress=progress)
     tokenizer = build_tokenizer(tokenizer_config)
     params = tokenizer_dict(tokenizer)
     key = cache_key(params, src)

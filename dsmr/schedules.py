@@ -33,6 +33,13 @@ def full(n: int) -> List[Horizon]:
     return [None] * n
 
 
+def none(n: int) -> List[Horizon]:
+    """No memory in any layer: ``[0] * n``. The control every memory schedule is measured against:
+    each segment sees only itself (plus nothing carried from earlier segments)."""
+    _check_n(n)
+    return [0] * n
+
+
 def uniform(n: int, m: int) -> List[Horizon]:
     """Every layer keeps ``m`` tokens."""
     _check_n(n)
@@ -90,6 +97,7 @@ def perceiver_ar_like(n: int, long: int) -> List[Horizon]:
 
 FAMILIES: Dict[str, Callable[..., List[Horizon]]] = {
     "full": full,
+    "none": none,
     "uniform": uniform,
     "two_scale": two_scale,
     "reverse_two_scale": reverse_two_scale,
@@ -130,13 +138,15 @@ def parse(spec: str, n_layers: int) -> List[Horizon]:
 
     ``"full"``, ``"uniform:m=512"``, ``"two_scale:long=4096,short=512,n_long=2"``,
     ``"progressive:low=64,high=4096,ascending=false"``, ``"selective:m=1024,layers=0+3"``,
-    ``"perceiver_ar_like:long=4096"``, or an explicit list ``"64,64,8,8,none,0"``.
+    ``"perceiver_ar_like:long=4096"``, ``"none"`` (no memory: every horizon 0), or an explicit
+    list ``"64,64,8,8,none,0"``. Inside a list ``none`` (or ``full``) is one whole-history layer;
+    the word ``none`` alone is the no-memory family (write ``full`` for whole history everywhere).
     """
     spec = spec.strip()
     family, _, rest = spec.partition(":")
     if family not in FAMILIES:
         # An explicit per-layer list.
-        if "," in spec or spec.isdigit() or spec.lower() == "none":
+        if "," in spec or spec.isdigit():
             hs = [None if t.strip().lower() in ("none", "full") else _parse_value("h", t) for t in spec.split(",")]
             return validate(hs, n_layers)
         raise ValueError(f"unknown schedule family {family!r}; choose from {sorted(FAMILIES)} or a list like 64,64,8")

@@ -1,4 +1,5 @@
-"""Where pieces come from: a MAESTRO v3 folder, any folder of MIDI files, or the demo corpus.
+"""Where pieces come from: a MAESTRO v3 folder, an ASAP folder, music21's corpus, any folder of MIDI
+files, or the demo corpus.
 
 Each source resolves to a :class:`Source`: a sorted list of :class:`MidiFile` (absolute path,
 stable piece name, split) plus the names of files a listing promised but the disk lacks. Splits
@@ -9,6 +10,13 @@ are always ``"train"``, ``"validation"``, ``"test"``.
   the CSV's folder. The folder passed may be the dataset root or a parent of it.
 - **A folder of ``.mid``/``.midi`` files** (:func:`folder_source`): recursive; each file's split
   is fixed by a hash of its relative path, so adding files never moves existing ones.
+- **ASAP** (:func:`asap_source`): the aligned scores and performances dataset (a clone of
+  ``fosfrancesco/asap-dataset``), recognized by its ``metadata.csv``. Its 1,067 performances are the
+  pieces (score MIDIs are left out); splits are drawn per (composer, title), never per file, since
+  several performances share one score. Performances of the pieces the demo corpus also holds are
+  recorded (``Source.demo_overlap``) and can be left out (``drop_demo_overlap=True``).
+- **music21** (:mod:`dsmr.music21_corpus`): the corpus bundled with the music21 package, works
+  joined from their movements and written once to MIDI under the cache root.
 - **The demo corpus** (:func:`demo_source`): ten MAESTRO performances that ship inside MidiTok's
   source distribution on PyPI, fetched on first use with pip; no manual download.
 """
@@ -35,11 +43,33 @@ MIDI_SUFFIXES = (".mid", ".midi")
 MAESTRO_CSV = "maestro-v3.0.0.csv"
 MAESTRO_URL = "https://magenta.tensorflow.org/datasets/maestro"
 
+ASAP_CSV = "metadata.csv"
+ASAP_URL = "https://github.com/fosfrancesco/asap-dataset"
+ASAP_LICENSE = "CC BY-NC-SA 4.0"
+ASAP_CITATION = ("Foscarin, McLeod, Rigaux, Jacquemard and Sakai, \"ASAP: a dataset of aligned scores and "
+                 "performances for piano transcription\", ISMIR 2020, pp. 534-541")
+_ASAP_COLUMNS = {"composer", "title", "midi_performance"}
+
 DEMO_MIDITOK_VERSION = "3.1.0"
 DEMO_LICENSE = "CC BY-NC-SA 4.0"
 # Fixed demo split (8 / 1 / 1): one mid-length performance to validate on, one to test on.
 DEMO_SPLITS = {"Maestro_9.mid": "validation", "Maestro_10.mid": "test"}
 _DEMO_MEMBER = re.compile(r"Maestro_\d+\.mid")
+# The MAESTRO recordings three demo files were cut from, found by matching note onsets, pitches and
+# velocities (MidiTok renamed the files, so nothing else records it). ASAP names the MAESTRO file of
+# most of its performances (column maestro_midi_performance); that is how its overlap is found.
+DEMO_MAESTRO_MIDI = {
+    "Maestro_5.mid": "2009/MIDI-Unprocessed_11_R1_2009_01-05_ORIG_MID--AUDIO_11_R1_2009_11_R1_2009_01_WAV.midi",
+    "Maestro_8.mid": "2014/MIDI-UNPROCESSED_16-18_R1_2014_MID--AUDIO_16_R1_2014_wav--2.midi",
+    "Maestro_9.mid": "2014/MIDI-UNPROCESSED_16-18_R1_2014_MID--AUDIO_18_R1_2014_wav--2.midi",
+}
+# ASAP performances cut from those recordings whose metadata row leaves the MAESTRO file blank
+# (found the same way); with the four rows that name it, seven performances of seven pieces.
+ASAP_DEMO_PERFORMANCES = {
+    "Beethoven/Piano_Sonatas/11-2/MaximovI04.mid": "Maestro_8.mid",
+    "Beethoven/Piano_Sonatas/11-3/MaximovI05.mid": "Maestro_8.mid",
+    "Beethoven/Piano_Sonatas/21-2/Sekino05.mid": "Maestro_5.mid",
+}
 _DEMO_MARKER = "README.txt"
 
 
@@ -59,7 +89,13 @@ class Source:
     kind: str
     root: Path
     files: list = field(default_factory=list)  # list[MidiFile], sorted by name
-    missing: list = field(default_factory=list)  # names listed (MAESTRO CSV) but not on disk
+    missing: list = field(default_factory=list)  # names listed (MAESTRO/ASAP CSV) but not on disk
+    # Files that could not be made into MIDI (music21 works that fail to parse): [{"name", "reason"}].
+    skipped: list = field(default_factory=list)
+    # ASAP: what the demo corpus also holds: {"pieces": [[composer, title, demo file]], "recordings":
+    # [names of performances cut from a demo recording], "files": [every performance of those pieces],
+    # "dropped": bool}; empty for other sources.
+    demo_overlap: dict = field(default_factory=dict)
 
     def counts(self) -> dict:
         """Number of files per split."""
@@ -157,6 +193,30 @@ def hash_split(name: str, valid_fraction: float = 0.1, test_fraction: float = 0.
     return "train"
 
 
+def _check_fractions(valid_fraction: float, test_fraction: float) -> None:
+    if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
+        raise ValueError(f"need 0 <= valid_fraction, test_fraction and a sum < 1, got "
+                         f"{valid_fraction}, {test_fraction}")
+
+
+def group_splits(keys, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
+    """``{key: split}`` for distinct keys (file names, or pieces that group several files): :func:`hash_split`.
+
+    A small set may hash nothing into validation or test; then, with at least three keys, the
+    train keys with the smallest hashes fill the empty split(s), so a trainer always has
+    something to validate on.
+    """
+    keys = sorted(set(keys))
+    split = {k: hash_split(k, valid_fraction, test_fraction) for k in keys}
+    if len(keys) >= 3:
+        by_hash = sorted(keys, key=lambda k: hashlib.sha1(k.encode("utf-8")).digest())
+        for want, frac in (("validation", valid_fraction), ("test", test_fraction)):
+            if frac > 0 and want not in split.values():
+                donor = next(k for k in by_hash if split[k] == "train")
+                split[donor] = want
+    return split
+
+
 def folder_source(root: PathLike, valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Source:
     """Every ``.mid``/``.midi`` file under ``root`` (recursive; hidden files and folders skipped).
 
@@ -168,9 +228,7 @@ def folder_source(root: PathLike, valid_fraction: float = 0.1, test_fraction: fl
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
-    if not (0 <= valid_fraction and 0 <= test_fraction and valid_fraction + test_fraction < 1):
-        raise ValueError(f"need 0 <= valid_fraction, test_fraction and a sum < 1, got "
-                         f"{valid_fraction}, {test_fraction}")
+    _check_fractions(valid_fraction, test_fraction)
     names = []
     for p in root.rglob("*"):
         rel = p.relative_to(root)
@@ -179,15 +237,100 @@ def folder_source(root: PathLike, valid_fraction: float = 0.1, test_fraction: fl
     if not names:
         raise FileNotFoundError(f"no .mid/.midi files under {root}")
     names.sort()
-    split = {n: hash_split(n, valid_fraction, test_fraction) for n in names}
-    if len(names) >= 3:
-        by_hash = sorted(names, key=lambda n: hashlib.sha1(n.encode("utf-8")).digest())
-        for want, frac in (("validation", valid_fraction), ("test", test_fraction)):
-            if frac > 0 and want not in split.values():
-                donor = next(n for n in by_hash if split[n] == "train")
-                split[donor] = want
+    split = group_splits(names, valid_fraction, test_fraction)
     base = root.resolve()
     return Source("folder", base, [MidiFile(base / n, n, split[n]) for n in names], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# ASAP
+
+
+def find_asap_csv(root: PathLike) -> Optional[Path]:
+    """ASAP's ``metadata.csv`` (one with ``composer``, ``title`` and ``midi_performance`` columns) in
+    ``root`` or one or two folder levels below it, else ``None``."""
+    root = Path(root)
+    for depth in range(3):
+        for hit in sorted(root.glob("/".join(["*"] * depth + [ASAP_CSV]))):
+            try:
+                with hit.open(newline="", encoding="utf-8") as f:
+                    header = next(csv.reader(f), [])
+            except (OSError, UnicodeDecodeError):
+                continue
+            if _ASAP_COLUMNS <= {h.strip() for h in header}:
+                return hit
+    return None
+
+
+def _maestro_name(cell: str) -> str:
+    """``{maestro}/2014/x.midi`` -> ``2014/x.midi`` (ASAP writes MAESTRO paths under a placeholder)."""
+    cell = (cell or "").strip()
+    return cell.split("}/", 1)[1] if cell.startswith("{") and "}/" in cell else cell
+
+
+def asap_source(root: PathLike, valid_fraction: float = 0.1, test_fraction: float = 0.1, *,
+                drop_demo_overlap: bool = False) -> Source:
+    """Read an ASAP folder (a clone of ``fosfrancesco/asap-dataset``; the root or a parent of it).
+
+    Every performance MIDI listed in ``metadata.csv`` (column ``midi_performance``) is a piece,
+    named by that relative path; the score MIDIs (``midi_score.mid``) are left out. The split is
+    drawn per piece of music, the pair (composer, title), with :func:`group_splits` over
+    ``"composer/title"``: all performances of one piece land in one split, including those that
+    ASAP keeps in two folders (e.g. a sonata movement with and without repeats).
+
+    Demo corpus overlap: a performance cut from one of the MAESTRO recordings in the demo corpus
+    (:data:`DEMO_MAESTRO_MIDI`, matched by the MAESTRO file name ASAP records, or listed in
+    :data:`ASAP_DEMO_PERFORMANCES` where ASAP records none) marks its piece; every performance of
+    such a piece is listed in ``Source.demo_overlap["files"]`` (the same music as a demo file) and,
+    with ``drop_demo_overlap=True``, left out, so that numbers on ASAP can be set beside numbers on
+    the demo corpus. Raises ``FileNotFoundError`` without a ``metadata.csv`` and ``ValueError`` for
+    one without ASAP's columns. Files listed but absent are left out with one warning that counts them.
+    """
+    root = Path(root)
+    _check_fractions(valid_fraction, test_fraction)
+    csv_path = find_asap_csv(root)
+    if csv_path is None:
+        raise FileNotFoundError(f"no ASAP {ASAP_CSV} (with composer, title and midi_performance columns) in {root} "
+                                f"or one/two folder levels below it; clone {ASAP_URL} and pass its folder")
+    base = csv_path.parent
+    rows, seen = [], set()
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row_no, row in enumerate(reader, start=2):
+            name = (row.get("midi_performance") or "").strip()
+            composer, title = (row.get("composer") or "").strip(), (row.get("title") or "").strip()
+            if not name or not composer or not title:
+                raise ValueError(f"{csv_path}:{row_no}: a row needs composer, title and midi_performance")
+            if name in seen:  # one file listed twice: one piece
+                continue
+            seen.add(name)
+            rows.append((name, composer, title, _maestro_name(row.get("maestro_midi_performance", ""))))
+    demo_of_recording = {m: demo for demo, m in DEMO_MAESTRO_MIDI.items()}
+    recordings, pieces = [], {}
+    for name, composer, title, maestro in rows:
+        demo = demo_of_recording.get(maestro) or ASAP_DEMO_PERFORMANCES.get(name)
+        if demo is not None:
+            recordings.append(name)
+            pieces.setdefault((composer, title), demo)
+    overlap_files = [name for name, composer, title, _ in rows if (composer, title) in pieces]
+    split = group_splits([f"{c}/{t}" for _, c, t, _ in rows], valid_fraction, test_fraction)
+    files, missing = [], []
+    drop = set(overlap_files) if drop_demo_overlap else set()
+    for name, composer, title, _ in rows:
+        if name in drop:
+            continue
+        path = base / PurePosixPath(name)
+        if path.is_file():
+            files.append(MidiFile(path.resolve(), name, split[f"{composer}/{title}"]))
+        else:
+            missing.append(name)
+    if missing:
+        warnings.warn(f"{len(missing)} of {len(files) + len(missing)} performance MIDIs listed in {csv_path} are "
+                      f"missing and will be skipped (first: {missing[0]})", stacklevel=2)
+    files.sort(key=lambda m: m.name)
+    overlap = {"pieces": sorted([c, t, d] for (c, t), d in pieces.items()), "recordings": sorted(recordings),
+               "files": sorted(overlap_files), "dropped": bool(drop_demo_overlap)}
+    return Source("asap", base.resolve(), files, missing, demo_overlap=overlap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,19 +443,32 @@ def demo_source(cache_dir: Optional[PathLike] = None, sdist: Optional[PathLike] 
 
 
 def resolve_source(source: PathLike, cache_dir: Optional[PathLike] = None,
-                   valid_fraction: float = 0.1, test_fraction: float = 0.1) -> Source:
-    """``"demo"``, a MAESTRO folder (detected by its CSV) or any folder of MIDI files -> :class:`Source`.
+                   valid_fraction: float = 0.1, test_fraction: float = 0.1, *, drop_demo_overlap: bool = False,
+                   workers: int = 2, progress: bool = False) -> Source:
+    """``"demo"``, ``"music21"`` (or ``"music21:NAME,..."``), a MAESTRO folder (detected by its CSV),
+    an ASAP folder (its ``metadata.csv``) or any folder of MIDI files -> :class:`Source`.
 
-    The exact string ``"demo"`` means the demo corpus; write ``./demo`` for a folder of that name.
+    The exact strings ``"demo"`` and ``"music21..."`` name those corpora; write ``./demo`` for a folder
+    of that name. ``drop_demo_overlap`` applies to ASAP (see :func:`asap_source`); ``workers`` and
+    ``progress`` to music21's one-time conversion (see :func:`dsmr.music21_corpus.music21_source`).
     """
     if isinstance(source, str) and source == "demo":
         return demo_source(cache_dir)
+    if isinstance(source, str) and (source == "music21" or source.startswith("music21:")):
+        from .music21_corpus import music21_source
+
+        select = source.partition(":")[2]
+        return music21_source(cache_dir, select=[t for t in select.split(",") if t.strip()] or None,
+                              valid_fraction=valid_fraction, test_fraction=test_fraction, workers=workers,
+                              progress=progress)
     root = Path(source).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"data source {root} does not exist (want 'demo', a MAESTRO folder "
-                                f"or a folder of .mid files)")
+        raise FileNotFoundError(f"data source {root} does not exist (want 'demo', 'music21', a MAESTRO or ASAP "
+                                f"folder, or a folder of .mid files)")
     if not root.is_dir():
         raise NotADirectoryError(f"data source {root} is a file; pass the folder that holds the MIDI files")
     if find_maestro_csv(root) is not None:
         return maestro_source(root)
+    if find_asap_csv(root) is not None:
+        return asap_source(root, valid_fraction, test_fraction, drop_demo_overlap=drop_demo_overlap)
     return folder_source(root, valid_fraction, test_fraction)

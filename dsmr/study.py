@@ -1,4 +1,4 @@
-"""The schedule study: which memory budget keeps the music?
+"""The schedule study: which memory budget keeps the music, and does memory pay at all?
 
     from dsmr.study import StudyConfig, run_study
     result = run_study("runs/study", StudyConfig.quick())      # or StudyConfig() for the default
@@ -10,6 +10,8 @@ row sees exactly the same training tokens):
 
 =====================  =============================================================================
 ``full``               every layer keeps the whole piece
+``none``               no layer keeps anything (horizons all 0): the no-memory control that every
+                       memory schedule is measured against
 ``two_scale``          the preset's schedule (tiny: ``[1024, 128x3]``); its sum of horizons is the
                        study's *budget*
 ``reverse_two_scale``  ``uniform``  ``progressive_asc``  ``progressive_desc``  ``selective``
@@ -17,12 +19,18 @@ row sees exactly the same training tokens):
 ``fhcr``               full horizon everywhere, fewer KV heads (GQA): fewer KV bytes per token
 =====================  =============================================================================
 
-``full`` and ``two_scale`` train with two seeds (``noise_seeds``), so the table shows which
-differences are noise. Per row: the best checkpoint by validation perplexity is measured for
-validation perplexity, NLL per token by position bucket, NLL per note, and KRCU (the KV-reset
-diagnostic averaged over the validation and test pieces, memory wiped at a fixed R); training
-tokens/s and peak memory come from the training itself; KV slots and MiB per lane at the end of a
-16k-token piece from :func:`dsmr.schedules.budget`.
+``full``, ``two_scale`` and ``none`` train with two seeds (``noise_seeds``), so the table shows
+which differences are noise. Per row: the best checkpoint by validation perplexity is measured for
+validation perplexity, NLL per token by position bucket, NLL per note, the learning curve (every
+validation during training), and KRCU at two reset points (the KV-reset diagnostic with memory
+wiped at R = 4096 and R = 8192 by default, each averaged over the validation and test pieces long
+enough to reach R + window); training tokens/s and peak memory come from the training itself; KV
+slots and MiB per lane at the end of a 16k-token piece from :func:`dsmr.schedules.budget`.
+
+Three sizes: ``StudyConfig.quick()`` (minutes), ``StudyConfig()`` (the default, demo corpus, 40
+minutes) and ``StudyConfig.long()`` (``dsmr study --long``: ASAP, ~30x the default's training
+tokens per row, a reduced set of rows; see its docstring for the plan and wall time).
+:func:`study_plan` lists the rows and token budget of a configuration without training.
 
 Resumable: each row lives in ``OUT/rows/<name>-s<seed>/`` (the trainer's checkpoints, then
 ``train.json`` and ``result.json``, each written atomically). A rerun reuses every finished row,
@@ -50,7 +58,7 @@ from .model import DSMRConfig
 
 AT_BUDGET = ("reverse_two_scale", "uniform", "progressive_asc", "progressive_desc", "selective",
              "perceiver_ar_like")
-FAMILY_ROWS = ("full", "two_scale") + AT_BUDGET + ("fhcr",)
+FAMILY_ROWS = ("full", "none", "two_scale") + AT_BUDGET + ("fhcr",)
 
 
 @dataclass
@@ -59,20 +67,25 @@ class StudyConfig:
 
     ``preset``/``model``: the model (a :data:`dsmr.config.PRESETS` name plus ``DSMRConfig``
     overrides); ``two_scale``: the reference schedule whose budget the other families match
-    (default: the preset's). ``train_tokens``: the training budget of every row in lane slots
+    (default: the preset's). ``families``: the family rows to train (default: all of
+    :data:`FAMILY_ROWS`). ``train_tokens``: the training budget of every row in lane slots
     (``steps = train_tokens // (batch_lanes * segment_len)``). ``noise_seeds`` seeds
     (``seed, seed + 1, ...``) for the rows in ``noise_rows``, one for the others.
     ``eval_max_pieces`` / ``eval_max_tokens``: validation on the first pieces / the first tokens of
-    each (None: all). KRCU: memory wiped at ``krcu_reset_at``, reported over ``krcu_window``
-    tokens, on up to ``krcu_max_pieces`` pieces of ``krcu_splits`` (pieces too short are
-    skipped). ``kv_piece_len``: the piece length of the KV columns. ``fhcr_kv_heads``: KV heads of
-    the ``fhcr`` row (default: half the preset's, at least 1). ``schedules``: extra or replacing
-    rows, ``"SPEC"`` or ``"NAME=SPEC"`` (see :func:`study_rows`).
+    each (None: all); ``eval_min_tokens``: only validation pieces at least this long (0: all).
+    KRCU: memory wiped at ``krcu_reset_at``, reported over ``krcu_window`` tokens, and again at
+    ``krcu_long_reset_at`` (None: not measured) over ``krcu_long_window`` (a window of None is R
+    itself: the distances 0..R-1 after the wipe), each on up to
+    ``krcu_max_pieces`` pieces of ``krcu_splits`` that are long enough to reach R + window (the
+    others are left out and counted). ``kv_piece_len``: the piece length of the KV columns.
+    ``fhcr_kv_heads``: KV heads of the ``fhcr`` row (default: half the preset's, at least 1).
+    ``schedules``: extra or replacing rows, ``"SPEC"`` or ``"NAME=SPEC"`` (see :func:`study_rows`).
     """
 
     preset: str = "tiny"
     model: Dict = field(default_factory=dict)
     two_scale: Optional[str] = None
+    families: Optional[Tuple[str, ...]] = None
     schedules: List[str] = field(default_factory=list)
     train_tokens: int = 307_200
     batch_lanes: int = 4
@@ -82,22 +95,68 @@ class StudyConfig:
     evals: int = 3
     seed: int = 0
     noise_seeds: int = 2
-    noise_rows: Tuple[str, ...] = ("full", "two_scale")
+    noise_rows: Tuple[str, ...] = ("full", "two_scale", "none")
     eval_max_pieces: Optional[int] = None
     eval_max_tokens: Optional[int] = 16_384
+    eval_min_tokens: int = 0
     krcu_reset_at: int = 4096
-    krcu_window: int = 4096
+    krcu_window: Optional[int] = None
+    krcu_long_reset_at: Optional[int] = 8192
+    krcu_long_window: Optional[int] = None
     krcu_max_pieces: Optional[int] = None
     krcu_splits: Tuple[str, ...] = ("validation", "test")
     kv_piece_len: int = 16_384
     fhcr_kv_heads: Optional[int] = None
     device: str = "cpu"
 
+    def __post_init__(self):
+        if self.families is not None:
+            self.families = tuple(self.families)
+            unknown = [f for f in self.families if f not in FAMILY_ROWS]
+            if unknown or not self.families:
+                raise ValueError(f"families must be a non-empty subset of {FAMILY_ROWS}, got {list(self.families)}")
+        for name in ("train_tokens", "batch_lanes", "evals", "noise_seeds", "krcu_reset_at", "kv_piece_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("krcu_window", "krcu_long_reset_at", "krcu_long_window"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {v!r}")
+
     @classmethod
     def quick(cls, **over) -> "StudyConfig":
         """The ``--quick`` study: every row, each trained on ~11% of the default's tokens."""
         base = dict(train_tokens=32_768, warmup_steps=4, evals=2, eval_max_pieces=2, eval_max_tokens=4096,
-                    krcu_reset_at=1024, krcu_window=1024, krcu_max_pieces=2)
+                    krcu_reset_at=1024, krcu_long_reset_at=2048, krcu_max_pieces=2)
+        return cls(**{**base, **over})
+
+    @classmethod
+    def long(cls, **over) -> "StudyConfig":
+        """The ``--long`` study: when does memory pay? Meant for ASAP (``dsmr study --long --source ASAP``).
+
+        Rows: ``none`` and ``two_scale`` (the tiny preset's ``[1024, 128x3]``), two seeds each,
+        and ``reach8k`` = ``[8192, 128x3]`` (one layer that reaches across R = 8192), one seed:
+        5 rows. Each trains on 8,192,000 lane slots (8,000 steps of 4 lanes x 256 tokens: 0.75
+        epochs of ASAP's 11.0M training tokens, 27x the default study's budget) with 10
+        validations (the learning curve) on 12 validation pieces of at least 8,192 tokens (their
+        first 16,384 tokens); KRCU at R = 4096 and 8192 on 16 validation/test pieces long enough
+        to reach R + window (ASAP: 112 and 78 pieces qualify).
+
+        ``full`` and ``fhcr`` are left out: at this model size they train at ~500 tokens/s on 2
+        cores against ~10,000-12,000 for the budgeted rows (``bench/results/study.md``), so one
+        full row would take ~4.5 h on these tokens, more than the whole study; ``--schedule full``
+        adds it anyway.
+
+        Wall time on 2 idle cores, estimated from measured training throughput (two_scale 10,800
+        tokens/s in the default study; relative to it, measured side by side on ASAP: none 1.2-1.5x,
+        reach8k 0.55x): none 2 x 11 min, two_scale 2 x 13 min, reach8k 23 min of training, plus
+        about 2 min of validation and KRCU per row: about 80 minutes (under 2 h even 40% slower).
+        """
+        base = dict(families=("none", "two_scale"), noise_rows=("none", "two_scale"),
+                    schedules=["reach8k=two_scale:long=8192,short=128,n_long=1"],
+                    train_tokens=8_192_000, batch_lanes=4, lr=1e-3, min_lr=1e-4, warmup_steps=200, evals=10,
+                    eval_max_pieces=12, eval_max_tokens=16_384, eval_min_tokens=8192,
+                    krcu_reset_at=4096, krcu_long_reset_at=8192, krcu_max_pieces=16)
         return cls(**{**base, **over})
 
     def to_dict(self) -> dict:
@@ -136,7 +195,8 @@ def _family_rows(n: int, two_scale: list, fhcr_kv: int) -> Dict[str, Tuple[str, 
         "selective": schedules.at_budget("selective", n, total, layers=every_other),
         "perceiver_ar_like": schedules.at_budget("perceiver_ar_like", n, total),
     }
-    rows = {"full": ("full", schedules.full(n), None), "two_scale": ("two_scale", two_scale, None)}
+    rows = {"full": ("full", schedules.full(n), None), "none": ("none", schedules.none(n), None),
+            "two_scale": ("two_scale", two_scale, None)}
     rows.update({k: (k, h, None) for k, h in made.items()})
     rows["fhcr"] = (f"fhcr:n_kv_heads={fhcr_kv}", schedules.full(n), fhcr_kv)
     return rows
@@ -172,8 +232,10 @@ def study_rows(cfg: StudyConfig, n_layers: int, n_kv_heads: int) -> List[Row]:
     ``cfg.schedules`` entries ``"NAME=SPEC"`` or ``"SPEC"`` replace the row of that name or add
     one; without a name the family names it (``uniform:m=64`` replaces ``uniform``;
     ``progressive:...,ascending=false`` replaces ``progressive_desc``; ``fhcr:n_kv_heads=1``
-    replaces ``fhcr``; an explicit list names itself). A replaced ``two_scale`` also moves the
-    budget of the families set at it. Raises ``ValueError`` for a bad spec.
+    replaces ``fhcr``; ``none`` is the no-memory control; an explicit list names itself). A
+    replaced ``two_scale`` also moves the budget of the families set at it. ``cfg.families``
+    keeps only those family rows (the extra rows are always kept). Raises ``ValueError`` for a
+    bad spec.
     """
     fhcr_kv = cfg.fhcr_kv_heads or max(1, n_kv_heads // 2)
     if n_kv_heads % fhcr_kv or fhcr_kv > n_kv_heads:
@@ -185,6 +247,8 @@ def study_rows(cfg: StudyConfig, n_layers: int, n_kv_heads: int) -> List[Row]:
         raise ValueError(f"the two_scale reference {two} needs finite horizons with a positive sum (the budget)")
     table = _family_rows(n_layers, two, fhcr_kv)
     table["two_scale"] = (ref, two, None)
+    if cfg.families is not None:
+        table = {k: v for k, v in table.items() if k in cfg.families}
     for name, spec, horizons, kv in extra:
         table[name] = (spec, horizons, kv)
     names = list(table)
@@ -193,6 +257,40 @@ def study_rows(cfg: StudyConfig, n_layers: int, n_kv_heads: int) -> List[Row]:
         if k in cfg.noise_rows:
             rows += [Row(k, table[k][0], table[k][1], table[k][2], cfg.seed + s) for s in range(1, cfg.noise_seeds)]
     return rows
+
+
+def row_steps(cfg: StudyConfig, segment_len: int) -> Tuple[int, int]:
+    """``(optimizer steps, steps between validations)`` of every row: the token budget in steps."""
+    steps = max(1, cfg.train_tokens // (cfg.batch_lanes * segment_len))
+    return steps, max(1, steps // max(1, cfg.evals))
+
+
+def study_plan(cfg: StudyConfig, vocab_size: int = 256) -> dict:
+    """What a study will train, without training or reading data (``dsmr study --plan``).
+
+    Returns ``{"rows": [{"key", "name", "spec", "horizons", "n_kv_heads", "seed"}], "steps",
+    "eval_every", "lane_slots_per_row" (steps x lanes x segment length), "lane_slots" (all rows),
+    "model": the preset's DSMRConfig as a dict, "krcu": [(R, window), ...]}``. ``vocab_size``
+    only fills the model config (the corpus sets it in a real run).
+    """
+    probe = load_settings(preset=cfg.preset, model=cfg.model).model_config(vocab_size)
+    rows = study_rows(cfg, probe.n_layers, probe.n_kv_heads or probe.n_heads)
+    steps, every = row_steps(cfg, probe.segment_len)
+    per_row = steps * cfg.batch_lanes * probe.segment_len
+    return {"rows": [{"key": r.key, "name": r.name, "spec": r.spec, "horizons": list(r.horizons),
+                      "n_kv_heads": r.n_kv_heads or probe.n_kv_heads or probe.n_heads, "seed": r.seed}
+                     for r in rows],
+            "steps": steps, "eval_every": every, "lane_slots_per_row": per_row, "lane_slots": per_row * len(rows),
+            "model": probe.to_dict(),
+            "krcu": [(R, W) for R, W in _krcu_points(cfg)]}
+
+
+def _krcu_points(cfg: StudyConfig) -> List[Tuple[int, int]]:
+    """The ``(R, window)`` pairs KRCU is measured at: the main one, then the long one (if any)."""
+    pts = [(cfg.krcu_reset_at, cfg.krcu_window or cfg.krcu_reset_at)]
+    if cfg.krcu_long_reset_at is not None:
+        pts.append((cfg.krcu_long_reset_at, cfg.krcu_long_window or cfg.krcu_long_reset_at))
+    return pts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,6 +371,15 @@ class _StepClock:
         return tokens / seconds if seconds > 0 else None
 
 
+def _spread(n: int, k: Optional[int]) -> List[int]:
+    """``k`` indices of ``range(n)`` spread evenly from first to last (all when ``k`` is None or >= n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    if k <= 1:
+        return [0][:k]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
 def _crop(pieces, max_tokens: Optional[int]):
     """The first ``max_tokens - 1`` ids of each piece: with the EOS, ``max_tokens`` targets."""
     return list(pieces) if max_tokens is None else [p[: max(1, max_tokens - 1)] for p in pieces]
@@ -283,9 +390,7 @@ def _train_row(row: Row, model_cfg: DSMRConfig, cfg: StudyConfig, corpus: dict, 
     """Train one row (continuing from ``last.pt`` when there is one); its training record."""
     from .train import train
 
-    S = model_cfg.segment_len
-    steps = max(1, cfg.train_tokens // (cfg.batch_lanes * S))
-    every = max(1, steps // max(1, cfg.evals))
+    steps, every = row_steps(cfg, model_cfg.segment_len)
     tcfg = TrainConfig(out_dir=str(folder), batch_lanes=cfg.batch_lanes, max_steps=steps, lr=cfg.lr,
                        min_lr=min(cfg.min_lr, cfg.lr), warmup_steps=min(cfg.warmup_steps, steps - 1),
                        seed=row.seed, device=cfg.device, eval_every=every, ckpt_every=every, log_every=1,
@@ -311,21 +416,47 @@ def _measure_row(row: Row, model_cfg: DSMRConfig, cfg: StudyConfig, corpus: dict
     v = corpus["vocab"]
     ev = evaluate(model, corpus["val"], pad_id=v.pad_id, bos_id=v.bos_id, eos_id=v.eos_id,
                   batch_lanes=cfg.batch_lanes, notes=corpus["val_notes"], progress=progress)
-    krcu = kv_reset_diagnostic_pieces(model, corpus["krcu"], names=corpus["krcu_names"], bos_id=v.bos_id,
-                                      eos_id=v.eos_id, reset_at=cfg.krcu_reset_at, window=cfg.krcu_window,
-                                      progress=progress)
     kv = schedules.budget(model_cfg.layer_horizons, piece_len=cfg.kv_piece_len,
                           n_kv_heads=model_cfg.n_kv_heads or model_cfg.n_heads, head_dim=model_cfg.head_dim,
                           bytes_per_elem=next(model.parameters()).element_size())
-    return {
+    out = {
         "best_step": info["step"], "val_ppl": ev["ppl"], "val_nll": ev["nll"],
         "val_nll_per_note": ev["nll_per_note"], "val_tokens": ev["tokens"], "val_notes": ev["notes"],
         "val_pieces": ev["pieces"],
         "buckets": {k: b["nll"] for k, b in ev["buckets"].items() if b["tokens"]},
-        "krcu_auc": krcu["auc"], "krcu_mean": krcu["mean_increase"], "krcu_pieces": len(krcu["pieces"]),
-        "krcu_buckets": {k: b["mean_increase"] for k, b in krcu["buckets"].items()},
-        "krcu_curve": krcu["increase"], "kv_slots": kv["slots"], "kv_mib": kv["bytes"] / 2 ** 20,
+        "kv_slots": kv["slots"], "kv_mib": kv["bytes"] / 2 ** 20,
     }
+    for prefix, (R, W) in zip(("krcu", "krcu_long"), _krcu_points(cfg)):
+        out.update(_krcu_row(model, corpus["krcu"][(R, W)], prefix, R, W, v, progress))
+    return out
+
+
+def _krcu_row(model, chosen: dict, prefix: str, R: int, W: int, v, progress: bool) -> dict:
+    """KRCU columns ``<prefix>_auc``, ``_mean``, ``_pieces``, ``_buckets``, ``_curve``, ``_reset_at``.
+
+    ``chosen``: the pieces long enough for this R (from :func:`load_corpus`); none -> empty values.
+    """
+    out = {f"{prefix}_reset_at": R, f"{prefix}_window": W, f"{prefix}_pieces": len(chosen["pieces"]),
+           f"{prefix}_candidates": chosen["candidates"]}
+    if not chosen["pieces"]:
+        return {**out, f"{prefix}_auc": None, f"{prefix}_mean": None, f"{prefix}_buckets": {}, f"{prefix}_curve": []}
+    krcu = kv_reset_diagnostic_pieces(model, chosen["pieces"], names=chosen["names"], bos_id=v.bos_id,
+                                      eos_id=v.eos_id, reset_at=R, window=W, progress=progress)
+    return {**out, f"{prefix}_auc": krcu["auc"], f"{prefix}_mean": krcu["mean_increase"],
+            f"{prefix}_pieces": len(krcu["pieces"]),
+            f"{prefix}_buckets": {k: b["mean_increase"] for k, b in krcu["buckets"].items()},
+            f"{prefix}_curve": krcu["increase"]}
+
+
+def _val_curve(folder: Path, lane_slots_per_step: int) -> List[list]:
+    """The learning curve of a row: ``[[step, lane slots trained, val ppl], ...]`` from its metrics."""
+    from .metrics import read_metrics
+
+    curve = {}
+    for r in read_metrics(folder / "metrics.jsonl"):
+        if r.get("type") == "val" and r.get("ppl") is not None:
+            curve[int(r["step"])] = [int(r["step"]), int(r["step"]) * lane_slots_per_step, float(r["ppl"])]
+    return [curve[k] for k in sorted(curve)]
 
 
 def _model_config(cfg: StudyConfig, row: Row, vocab_size: int) -> DSMRConfig:
@@ -361,11 +492,14 @@ def run_row(row: Row, cfg: StudyConfig, corpus: dict, out_dir: Path, *, progress
         atomic_write_text(folder / "train.json", json.dumps(trained, indent=2))
     result = {"schedule": row.name, "spec": row.spec, "seed": row.seed, "horizons": list(row.horizons),
               "horizons_text": schedules.describe(row.horizons), "n_kv_heads": model_cfg.n_kv_heads or
-              model_cfg.n_heads, **trained, **_measure_row(row, model_cfg, cfg, corpus, folder, progress)}
+              model_cfg.n_heads, **trained, **_measure_row(row, model_cfg, cfg, corpus, folder, progress),
+              "val_curve": _val_curve(folder, cfg.batch_lanes * model_cfg.segment_len)}
     result["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     atomic_write_text(folder / "result.json", json.dumps(result, indent=2))
-    log(f"{row.key}: val ppl {result['val_ppl']:.3f}, NLL/note {result['val_nll_per_note'] or float('nan'):.4f}, "
-        f"KRCU area {result['krcu_auc']:.2f}")
+    krcu = ", ".join(f"KRCU@{result[p + '_reset_at']} area {result[p + '_auc']:.2f}" for p in ("krcu", "krcu_long")
+                     if result.get(p + "_auc") is not None)
+    log(f"{row.key}: val ppl {result['val_ppl']:.3f}, NLL/note {result['val_nll_per_note'] or float('nan'):.4f}"
+        + (f", {krcu}" if krcu else ""))
     return result
 
 
@@ -374,22 +508,42 @@ def run_row(row: Row, cfg: StudyConfig, corpus: dict, out_dir: Path, *, progress
 
 
 def load_corpus(cfg: StudyConfig, data) -> dict:
-    """Train/validation pieces, the KRCU pieces, note counts and ids of a ``TokenCache``-like ``data``."""
+    """Train/validation pieces, KRCU pieces per reset point, note counts and ids of a ``TokenCache``-like ``data``.
+
+    Validation: the pieces of at least ``eval_min_tokens`` tokens, ``eval_max_pieces`` of them
+    spread evenly over the split's name order (a corpus sorted by composer is not cut to its first
+    composers), each cut to its first ``eval_max_tokens`` targets. KRCU at each ``(R, W)``: the
+    pieces of ``krcu_splits`` with at least ``R + W`` inputs (so every distance 0..W-1 averages the
+    same pieces), ``krcu_max_pieces`` of them spread the same way; ``corpus["krcu"][(R, W)]`` holds
+    ``pieces``, ``names`` and ``candidates`` (how many pieces were looked at).
+    """
     from .notes import count_notes, notes_per_id
     from .stream import Vocab
 
-    val = _crop(data.pieces("validation"), cfg.eval_max_tokens)[: cfg.eval_max_pieces]
+    val = [p for p in data.pieces("validation") if len(p) >= cfg.eval_min_tokens]
+    val = _crop([val[i] for i in _spread(len(val), cfg.eval_max_pieces)], cfg.eval_max_tokens)
     if not val:
-        raise ValueError("the corpus has no validation pieces; the study picks checkpoints by validation perplexity")
+        raise ValueError("the corpus has no validation pieces" + (
+            f" of at least {cfg.eval_min_tokens} tokens" if cfg.eval_min_tokens else "")
+            + "; the study picks checkpoints by validation perplexity")
     table = notes_per_id(data.tokenizer())
-    krcu, names = [], []
+    cands, names = [], []
     for split in cfg.krcu_splits:
         if split in data.splits:
-            krcu += list(data.pieces(split))
+            cands += list(data.pieces(split))
             names += [f"{split}/{n}" for n in data.names(split)]
+    krcu = {}
+    for R, W in _krcu_points(cfg):
+        # Inputs are [BOS] + ids: a piece of L ids has L + 1 inputs.
+        long_enough = [i for i, p in enumerate(cands) if len(p) + 1 >= R + W]
+        keep = [long_enough[j] for j in _spread(len(long_enough), cfg.krcu_max_pieces)]
+        krcu[(R, W)] = {"pieces": [cands[i] for i in keep], "names": [names[i] for i in keep],
+                        "candidates": len(cands)}
+    if not any(k["pieces"] for k in krcu.values()):
+        raise ValueError(f"no piece of {'/'.join(cfg.krcu_splits)} is long enough for KRCU (R + window = "
+                         f"{min(R + W for R, W in krcu)} inputs); lower --reset-at or use longer pieces")
     return {"train": data.pieces("train"), "val": val, "val_notes": [count_notes(p, table) for p in val],
-            "krcu": krcu[: cfg.krcu_max_pieces], "krcu_names": names[: cfg.krcu_max_pieces],
-            "vocab": Vocab(data.vocab_size, data.pad_id, data.bos_id, data.eos_id),
+            "krcu": krcu, "vocab": Vocab(data.vocab_size, data.pad_id, data.bos_id, data.eos_id),
             "tokenizer_config": data.tokenizer_config}
 
 
@@ -401,7 +555,7 @@ def run_study(out_dir, config: Optional[StudyConfig] = None, *, data=None, sourc
     Args:
         out_dir: the study folder (rows under ``rows/``, the log in ``study.log``).
         config: a :class:`StudyConfig` (default: the default study; ``StudyConfig.quick()`` for
-            ``--quick``).
+            ``--quick``, ``StudyConfig.long()`` for ``--long``).
         data: a ``TokenCache``-like corpus (``pieces(split)``, ``names(split)``, ``splits``,
             ``vocab_size``, ``pad_id``/``bos_id``/``eos_id``, ``tokenizer()``,
             ``tokenizer_config``); default: ``prepare_cache(source, cache_dir)``.
@@ -431,6 +585,8 @@ def run_study(out_dir, config: Optional[StudyConfig] = None, *, data=None, sourc
     probe = load_settings(preset=cfg.preset, model=cfg.model).model_config(data.vocab_size)
     rows = study_rows(cfg, probe.n_layers, probe.n_kv_heads or probe.n_heads)
     meta = _start_meta(out, cfg, data, source, rows)
+    meta["krcu"] = [{"reset_at": R, "window": W, "pieces": len(k["pieces"]), "candidates": k["candidates"]}
+                    for (R, W), k in corpus["krcu"].items()]
     results = []
     for row in tqdm(rows, desc="study", unit="row", disable=not show, dynamic_ncols=True):
         results.append(run_row(row, cfg, corpus, out, progress=show, log=log))
@@ -474,4 +630,5 @@ def _file_log(path: Path) -> Callable[[str], None]:
     return log
 
 
-__all__ = ["StudyConfig", "Row", "study_rows", "run_row", "run_study", "load_corpus", "PeakMemory", "FAMILY_ROWS"]
+__all__ = ["StudyConfig", "Row", "study_rows", "study_plan", "row_steps", "run_row", "run_study", "load_corpus",
+           "PeakMemory", "FAMILY_ROWS"]

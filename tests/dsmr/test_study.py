@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("miditok")
 pytest.importorskip("symusic")
 
-from dsmr.study import FAMILY_ROWS, StudyConfig, run_study, study_rows  # noqa: E402
+from dsmr.study import FAMILY_ROWS, StudyConfig, run_study, study_plan, study_rows  # noqa: E402
 from dsmr.study_report import CSV_COLUMNS, finding  # noqa: E402
 from tests.dsmr.midi_fixtures import _corpus  # noqa: E402
 
@@ -18,7 +18,7 @@ TWO = "two_scale:long=48,short=8,n_long=1"
 def _tiny(**over):
     """The quick study scaled down to the generated corpus: a 2-layer model, 2 steps per row."""
     base = dict(model=TINY_MODEL, two_scale=TWO, train_tokens=128, batch_lanes=2, krcu_reset_at=32, krcu_window=64,
-                eval_max_tokens=None)
+                krcu_long_reset_at=64, eval_max_tokens=None)
     return StudyConfig.quick(**{**base, **over})
 
 
@@ -35,7 +35,7 @@ def test_rows_cover_every_family_at_two_scales_budget():
     rows = study_rows(_tiny(), 4, 2)
     names = [r.key for r in rows]
     assert names[: len(FAMILY_ROWS)] == [f"{n}-s0" for n in FAMILY_ROWS]
-    assert names[len(FAMILY_ROWS):] == ["full-s1", "two_scale-s1"]
+    assert names[len(FAMILY_ROWS):] == ["full-s1", "none-s1", "two_scale-s1"]
     by = {r.name: r for r in rows}
     budget = sum(by["two_scale"].horizons)
     for name in ("reverse_two_scale", "uniform", "progressive_asc", "progressive_desc", "selective",
@@ -44,6 +44,7 @@ def test_rows_cover_every_family_at_two_scales_budget():
     assert by["progressive_asc"].horizons == by["progressive_desc"].horizons[::-1]
     assert by["progressive_asc"].horizons[0] < by["progressive_asc"].horizons[-1]
     assert by["fhcr"].horizons == [None] * 4 and by["fhcr"].n_kv_heads == 1 and by["full"].n_kv_heads is None
+    assert by["none"].horizons == [0] * 4 and by["none"].spec == "none"  # the no-memory control
     # --schedule: a family name replaces its row, NAME=SPEC adds one.
     rows = study_rows(_tiny(schedules=["uniform:m=5", "mine=7,7,0,0", "fhcr:n_kv_heads=2"]), 4, 2)
     by = {r.name: r for r in rows}
@@ -73,7 +74,7 @@ def test_study_resumes_without_retraining_finished_rows(cache, tmp_path):
     assert [ln for ln in log if ln.startswith("full-s0: ")][-1].startswith("full-s0: reused")
     assert sum(ln.startswith("full-s0: training") for ln in log) == 1
     assert sum(ln.startswith("two_scale-s0: training") for ln in log) == 1
-    assert len(res["rows"]) == len(FAMILY_ROWS) + 2
+    assert len(res["rows"]) == len(FAMILY_ROWS) + 3
     # Another configuration must not silently reuse these rows.
     with pytest.raises(ValueError, match="different configuration"):
         run_study(out, _tiny(train_tokens=256), data=cache, progress=False)
@@ -87,7 +88,8 @@ def test_cli_study_quick_end_to_end(cache, tmp_path, capsys):
     out = tmp_path / "quick"
     code = main(["study", "--quick", "--source", str(cache.path.parent.parent.parent / "midis"),
                  "--cache-dir", str(cache.path.parent.parent), "--workers", "1", "--config", str(conf),
-                 "--train-tokens", "128", "--batch-lanes", "2", "--reset-at", "32", "--out", str(out),
+                 "--train-tokens", "128", "--batch-lanes", "2", "--reset-at", "32", "--long-reset-at", "64",
+                 "--out", str(out),
                  "--threads", "1", "--no-progress"])
     assert code == 0
     text = capsys.readouterr().out
@@ -98,11 +100,17 @@ def test_cli_study_quick_end_to_end(cache, tmp_path, capsys):
     assert tuple(reader.fieldnames) == CSV_COLUMNS
     assert {"schedule", "horizons", "kv_slots", "kv_mib", "val_ppl", "val_nll_per_note", "krcu_auc",
             "tokens_per_s", "peak_mib"} <= set(reader.fieldnames)
-    assert [r["schedule"] for r in rows] == list(FAMILY_ROWS) + ["full", "two_scale"]
-    assert [r["seed"] for r in rows][-2:] == ["1", "1"]
+    assert [r["schedule"] for r in rows] == list(FAMILY_ROWS) + ["full", "none", "two_scale"]
+    assert [r["seed"] for r in rows][-3:] == ["1", "1", "1"]
     for r in rows:
         assert float(r["val_ppl"]) > 1 and float(r["val_nll_per_note"]) > 0 and r["krcu_auc"] != ""
         assert float(r["tokens_per_s"]) > 0 and r["peak_mib"] != ""
+        assert r["krcu_reset_at"] == "32" and r["krcu_long_reset_at"] == "64" and r["krcu_long_auc"] != ""
+        assert int(r["krcu_long_pieces"]) >= 1 and int(r["krcu_pieces"]) >= int(r["krcu_long_pieces"])
+    # No memory: wiping it changes nothing, so both KRCU areas are exactly 0.
+    for r in rows:
+        if r["schedule"] == "none":
+            assert float(r["krcu_auc"]) == 0.0 and float(r["krcu_long_auc"]) == 0.0 and float(r["kv_mib"]) == 0.0
     kv = {r["schedule"]: float(r["kv_mib"]) for r in rows}
     assert kv["fhcr"] == pytest.approx(kv["full"] / 2) and kv["two_scale"] < kv["full"]
     assert kv["uniform"] <= kv["two_scale"]
@@ -110,8 +118,14 @@ def test_cli_study_quick_end_to_end(cache, tmp_path, capsys):
     assert len({r["train_tokens"] for r in rows if r["seed"] == "0"}) == 1
     md = (out / "study.md").read_text()
     assert "| fhcr |" in md and "load average" in md and (out / "study.png").stat().st_size > 1000
+    assert "KRCU@32 mean" in md and "KRCU@64 mean" in md and "Learning curves" in md
+    assert "Against no memory (none, perplexity" in md
     res = json.loads((out / "rows" / "two_scale-s0" / "result.json").read_text())
-    assert res["krcu_pieces"] >= 1 and len(res["krcu_curve"]) >= 1 and res["val_notes"] > 0
+    # A window left out is R itself: distances 0..R-1 after the wipe.
+    assert res["krcu_pieces"] >= 1 and len(res["krcu_curve"]) == 32 and res["val_notes"] > 0
+    assert len(res["krcu_long_curve"]) == 64 and res["krcu_long_candidates"] >= res["krcu_long_pieces"]
+    # The learning curve: every validation of the run (the steps, lane slots and perplexity).
+    assert [pt[0] for pt in res["val_curve"]][-1] == res["steps"] and all(pt[2] > 1 for pt in res["val_curve"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,3 +175,58 @@ def test_finding_says_memory_pays_when_full_beats_the_noise():
     assert "two_scale's NLL per token minus full's is +0.0000 at 1-1k, +0.6000 at 1k-4k" in position
     single = finding([_row("full", 9.0, 16.0), _row("uniform", 9.5, 1.0)])
     assert "one seed only" in single[1]
+
+
+def test_finding_states_every_comparison_against_no_memory():
+    rows = [_row("none", 10.0, 0.0, auc=0.0), _row("none", 10.1, 0.0, 1, auc=0.0),
+            _row("two_scale", 9.5, 1.4, auc=30.0), _row("two_scale", 9.55, 1.4, 1, auc=31.0),
+            _row("uniform", 10.05, 1.4, auc=0.4), _row("full", 10.6, 16.0, auc=5.0)]
+    text = finding(rows)
+    assert "none's 2 seeds differ by 0.100" in text[1]  # none's seeds count towards the noise
+    versus = next(s for s in text if s.startswith("Against no memory (none, perplexity 10.050)"))
+    assert "within the noise: uniform (+0.000)" in versus and "better beyond the noise: two_scale (-0.525)" in versus
+    assert "worse beyond the noise: full (+0.550)" in versus
+    pays = next(s for s in text if s.startswith("Memory pays"))
+    assert "two_scale (0.525 better) beats the no-memory control (none, perplexity 10.050)" in pays
+    more = next(s for s in text if s.startswith("More memory"))  # full vs the least memory, none aside
+    assert more.startswith("More memory does not pay") and "vs two_scale (1.40 MiB)" in more
+    krcu = next(s for s in text if s.startswith("KRCU"))
+    assert ("Against no memory (none, area +0.00: nothing to wipe), beyond that noise: two_scale (+30.50), "
+            "full (+5.00)") in krcu
+    # When no memory schedule beats none beyond the noise, the headline says so.
+    rows[2]["val_ppl"], rows[3]["val_ppl"] = 10.02, 10.04
+    assert next(s for s in finding(rows) if "pay at this scale: no schedule" in s).startswith(
+        "Memory does not pay at this scale: no schedule with memory beats the no-memory control")
+
+
+def test_long_study_plan_without_training(capsys):
+    from dsmr.cli import main
+
+    cfg = StudyConfig.long()
+    plan = study_plan(cfg)
+    assert [r["key"] for r in plan["rows"]] == ["none-s0", "two_scale-s0", "reach8k-s0", "none-s1", "two_scale-s1"]
+    horizons = {r["name"]: r["horizons"] for r in plan["rows"]}
+    assert horizons == {"none": [0] * 4, "two_scale": [1024, 128, 128, 128], "reach8k": [8192, 128, 128, 128]}
+    # full is left out (about 20x slower per token at this size); the token budget is the same for every row.
+    assert "full" not in horizons and plan["model"]["segment_len"] == 256
+    assert plan["steps"] == cfg.train_tokens // (4 * 256) == 8000 and plan["eval_every"] == 800
+    assert plan["lane_slots"] == 5 * 8000 * 4 * 256 and plan["krcu"] == [(4096, 4096), (8192, 8192)]
+    assert main(["study", "--long", "--plan", "--schedule", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "8,000 steps of 4 lanes" in out and "reach8k-s0" in out and "full-s0" in out and "6 rows" in out
+    with pytest.raises(SystemExit) as e:  # no training without a long-piece corpus
+        main(["study", "--long", "--out", "unused"])
+    assert e.value.code == 2 and "ASAP" in capsys.readouterr().err
+
+
+def test_long_study_smoke_two_steps_per_row(cache, tmp_path):
+    """--long's rows, learning curves and both KRCU points, at 2 steps per row on the generated corpus."""
+    cfg = StudyConfig.long(model=TINY_MODEL, two_scale=TWO, train_tokens=128, batch_lanes=2, evals=2,
+                           eval_min_tokens=64, eval_max_tokens=None, krcu_reset_at=32, krcu_long_reset_at=64)
+    res = run_study(tmp_path / "long", cfg, data=cache, progress=False, log=lambda line: None)
+    assert [(r["schedule"], r["seed"]) for r in res["rows"]] == [
+        ("none", 0), ("two_scale", 0), ("reach8k", 0), ("none", 1), ("two_scale", 1)]
+    assert all([pt[0] for pt in r["val_curve"]] == [0, 1, 2] and r["steps"] == 2 for r in res["rows"])
+    assert all(r["krcu_long_reset_at"] == 64 and r["krcu_long_auc"] is not None for r in res["rows"])
+    md = (tmp_path / "long" / "study.md").read_text()
+    assert "the families none, two_scale" in md and "of at least 64 tokens" in md
