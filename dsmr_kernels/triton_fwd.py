@@ -41,7 +41,7 @@ from .triton_common import (
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, bad, q,  #
+def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     K, V, MemK, MemV,  #
                     stride_ks, stride_kd, stride_vs, stride_vd,  #
                     stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
@@ -57,12 +57,11 @@ def _attn_fwd_inner(acc, l_i, m_i, bad, q,  #
     (invalid slots may hold NaN/inf garbage; out-of-bounds loads are silent). With
     ``MASKED=False`` the caller guarantees every row sees every key of every block.
 
-    ``bad`` (BLOCK_M,) int32 marks rows that saw a non-finite value row in a masked block. There
-    a value row can be hidden from some rows of the block (a future key on the causal diagonal,
-    a key past a window edge) and 0 * NaN would poison them, so masked blocks zero non-finite
-    values and flag the rows that do see one; the caller turns flagged rows into NaN (the
-    reference's rule). Unmasked blocks need neither: every row sees every key, and NaN or inf
-    values propagate on their own.
+    Non-finite values follow the reference's rule. In a masked block a value row can be hidden
+    from some rows (a future key on the causal diagonal, a key past a window edge), where
+    0 * NaN would poison them; so masked blocks load non-finite value rows as zeros and give
+    the rows that see one a NaN score instead. Unmasked blocks need neither: every row sees
+    every key, and NaN or inf values propagate on their own.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -93,8 +92,10 @@ def _attn_fwd_inner(acc, l_i, m_i, bad, q,  #
         qk = _mma(q, tl.trans(k), None, UPCAST, FP32_IEEE) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             visible = (offs_key[None, :] >= row_lo[:, None]) & (offs_key[None, :] <= row_hi[:, None])
-            qk = tl.where(visible, qk, float("-inf"))
-            bad = tl.maximum(bad, tl.max((visible & v_bad[None, :]).to(tl.int32), 1))
+            # A visible non-finite value row makes the score NaN, so P, the row sum and the
+            # output of every row that sees it turn NaN; rows that do not see it get P = 0 and
+            # the row's zeros. No extra tile or reduction (a flag tile spilled on sm_80).
+            qk = tl.where(visible, tl.where(v_bad[None, :], float("nan"), qk), float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED:
             # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0
@@ -114,7 +115,7 @@ def _attn_fwd_inner(acc, l_i, m_i, bad, q,  #
         # P is rounded to the input dtype before P @ V, like the reference does.
         acc = _mma(p.to(v.dtype), v, acc, UPCAST, FP32_IEEE)
         m_i = m_ij
-    return acc, l_i, m_i, bad
+    return acc, l_i, m_i
 
 
 # 16-bit: 128-row blocks need 8 warps (with 4 they measured 205-255 registers at D=64 on sm_90
@@ -193,7 +194,6 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    bad = tl.zeros([BLOCK_M], dtype=tl.int32)
     qk_scale = sm_scale * 1.4426950408889634  # fold log2(e) so the loop uses exp2
     # load q: it stays in registers for every key block
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
@@ -210,13 +210,13 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     n_mem_full = (M - mem_mid) // BLOCK_N
     n_full = n_mem_full + (mid_hi - mid_lo) // BLOCK_N
     row_lo = tl.maximum(mem_lo, M + offs_m - window + 1)
-    acc, l_i, m_i, bad = _attn_fwd_inner(acc, l_i, m_i, bad, q, k_base, v_base, mk_base, mv_base,  #
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mk_base, mv_base,  #
                                     stride_ks, stride_kd, stride_vs, stride_vd,  #
                                     stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
                                     n_full, n_mem_full, n_full, mem_mid, M + mid_lo, 0,  #
                                     M, mem_lo, M + S, row_lo, M + offs_m, qk_scale,  #
                                     BLOCK_N, HEAD_DIM, False, UPCAST, FP32_IEEE)
-    acc, l_i, m_i, bad = _attn_fwd_inner(acc, l_i, m_i, bad, q, k_base, v_base, mk_base, mv_base,  #
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mk_base, mv_base,  #
                                     stride_ks, stride_kd, stride_vs, stride_vd,  #
                                     stride_mks, stride_mkd, stride_mvs, stride_mvd,  #
                                     n_edge, n_mem_edge, n_win_edge, mem_lo_blk, M + lo, M + mid_hi,  #
@@ -230,10 +230,9 @@ def _attn_fwd(Q, K, V, MemK, MemV, MemLen, Out, Lse2,  #
     # ln <-> log2 round trip (two roundings that showed up as ~1e-6 relative error in fp32 dQ).
     lse2 = m_i + tl.math.log2(l_i)
     acc = acc / l_i[:, None]
-    # Rows that saw a non-finite value row in a masked block (zeroed there), or whose output is
-    # non-finite already (a bad value in an unmasked block, which leaves the LSE finite): NaN in
-    # both, as the reference. One pass over the tile per program, none in the key loop.
-    bad = tl.maximum(bad, tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1), 1))
+    # A non-finite value in an unmasked block leaves the LSE finite: NaN it where the output row
+    # is non-finite, as the reference does. One pass over the tile per program, none per key block.
+    bad = tl.max(tl.where(tl.abs(acc) < float("inf"), 0, 1), 1)
     lse2 = tl.where(bad > 0, float("nan"), lse2)
     acc = tl.where(bad[:, None] > 0, float("nan"), acc)
     tl.store(Lse2 + off_bh.to(tl.int64) * S + offs_m, lse2, mask=row_ok)
