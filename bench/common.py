@@ -58,6 +58,19 @@ def cpu_matmul_features() -> str:
     return ", ".join(present)
 
 
+def cpu_class_line() -> str:
+    """The CPU class the op's paths follow, and whether it is emulated (``ATEN_CPU_CAPABILITY``,
+    ``ONEDNN_MAX_CPU_ISA``, ``DSMR_CPU_CLASS``): every table says which class its rows ran as."""
+    from dsmr_kernels.cpu_dispatch import ENV_CLASS, detect_features, onednn_isa_cap
+
+    feats = detect_features()
+    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", ENV_CLASS)
+            if os.environ.get(k)]
+    text = f"{feats.cpu_class} (ATen vector ISA {feats.capability}"
+    text += f", oneDNN cap {onednn_isa_cap()})" if onednn_isa_cap() else ")"
+    return text + (f"; emulated on a larger CPU with {' '.join(caps)}" if caps else "")
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -89,6 +102,7 @@ def machine_info(threads: int) -> Dict[str, str]:
     return {
         "cpu": cpu_model(),
         "cpu features": cpu_matmul_features(),
+        "cpu class (dsmr's decision table)": cpu_class_line(),
         "logical CPUs": str(os.cpu_count()),
         "torch threads": str(threads),
         "gpu": gpu,

@@ -13,6 +13,12 @@ policies:
 Each configuration runs in its own process; the busy process is started by the worker right
 before training and killed right after. tokens/s counts the steps after the first two (one-time
 costs: oneDNN primitives, the CPU path calibration, the governor's first one-second window).
+
+A second table does the same for the op alone, called from a user's own loop (no dsmr loop, no
+governed block): ``DSMRAttention`` forward + backward on one 512-token segment with a 1024-token
+memory, fp32, under ``DSMR_THREADS`` = ``auto`` (the default: every CPU call of the op ticks a
+process-wide governor), ``none`` (torch's threads as they are: the op before it governed itself)
+and ``1``.
 """
 from __future__ import annotations
 
@@ -46,8 +52,54 @@ def _pieces(ids, lanes: int, seg: int, steps: int):
     return out
 
 
+OP_SHAPE = dict(d_model=512, n_heads=8, horizon=1024, segment=512)
+
+
+def measure_op(cfg: dict) -> dict:
+    """Worker: a user's loop of ``DSMRAttention`` forward + backward for ``seconds``, optionally beside
+    a busy process; per-call times after the first ``warm_s`` seconds (the governor's first window)."""
+    import os
+
+    os.environ["DSMR_THREADS"] = str(cfg["policy"])  # read by the op's governor on its first call
+    import torch
+
+    from dsmr_kernels import DSMRAttention
+
+    shape = OP_SHAPE
+    torch.manual_seed(0)
+    attn = DSMRAttention(shape["d_model"], shape["n_heads"], horizon=shape["horizon"])
+    x = torch.randn(1, shape["segment"], shape["d_model"])
+    _, state = attn(x)
+    with torch.no_grad():
+        for _ in range(shape["horizon"] // shape["segment"] - 1):
+            _, state = attn(x, state)  # memory full: every call attends over 1024 + 512 keys
+    busy = None
+    times, threads = [], []
+    try:
+        if cfg["busy"]:
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            time.sleep(0.5)
+        start = time.perf_counter()
+        while time.perf_counter() - start < cfg["seconds"]:
+            t0 = time.perf_counter()
+            y, _ = attn(x, state)
+            y.sum().backward()
+            t1 = time.perf_counter()
+            if t0 - start >= cfg["warm_s"]:
+                times.append(t1 - t0)
+                threads.append(torch.get_num_threads())
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    times.sort()
+    return {"ms": 1e3 * times[len(times) // 2], "calls": len(times), "threads_seen": sorted(set(threads))}
+
+
 def measure(cfg: dict) -> dict:
     """Worker: ``dsmr.train.train`` for ``steps`` steps under ``policy``, optionally beside a busy process."""
+    if cfg.get("kind") == "op":
+        return measure_op(cfg)
     import numpy as np
     import torch
 
@@ -96,15 +148,75 @@ def plan(quick: bool, piece: dict, piece_path: str, threads: int) -> List[dict]:
     policies = [("auto (default)", "auto"), (f"{threads} threads, fixed (torch's default)", threads)]
     if threads > 1:
         policies.append(("1 thread, fixed", 1))
-    return [
+    train_rows = [
         {"label": f"{name}, {'busy' if busy else 'idle'}", "policy_name": name, "policy": policy, "busy": busy,
          "piece": piece_path, "vocab_size": piece["vocab_size"], **s}
         for name, policy in policies for busy in (False, True)
     ]
+    op_policies = [("auto (default)", "auto"), (f"none: torch's {threads} threads (the op before)", "none")]
+    if threads > 1:
+        op_policies.append(("1 thread (DSMR_THREADS=1)", 1))
+    op_rows = [
+        {"label": f"op {name}, {'busy' if busy else 'idle'}", "kind": "op", "policy_name": name, "policy": policy,
+         "busy": busy, "seconds": 5 if quick else 12, "warm_s": 1.5}
+        for name, policy in op_policies for busy in (False, True)
+    ]
+    return train_rows + op_rows
+
+
+def render_op(results) -> Tuple[str, List[dict]]:
+    """The op table (markdown) and its rows."""
+    by = {(c["policy_name"], c["busy"]): r for c, r in results}
+    names = list(dict.fromkeys(c["policy_name"] for c, _ in results))
+    rows = []
+    for name in names:
+        row = {"DSMR_THREADS policy": name}
+        for tag, busy in (("idle", False), ("beside a busy process", True)):
+            r = by.get((name, busy))
+            if r is not None and r.ok:
+                row[f"fwd+bwd ms {tag}"] = r.data["ms"]
+                row[f"calls timed {tag}"] = r.data["calls"]
+                row[f"threads used {tag}"] = ", ".join(str(t) for t in r.data["threads_seen"])
+            elif r is not None:
+                row["note"] = (row.get("note", "") + f" {tag}: {r.error}").strip()
+        if "fwd+bwd ms idle" in row and "fwd+bwd ms beside a busy process" in row:
+            row["speed busy / idle"] = row["fwd+bwd ms idle"] / row["fwd+bwd ms beside a busy process"]
+        rows.append(row)
+    ref = rows[1] if len(rows) > 1 else {}
+    for row in rows:
+        if ref.get("fwd+bwd ms idle") and row.get("fwd+bwd ms idle"):
+            row["idle speed vs none"] = ref["fwd+bwd ms idle"] / row["fwd+bwd ms idle"]
+    cols = ["DSMR_THREADS policy", "fwd+bwd ms idle", "fwd+bwd ms beside a busy process", "speed busy / idle",
+            "idle speed vs none", "threads used idle", "threads used beside a busy process",
+            "calls timed idle", "calls timed beside a busy process", "note"]
+    auto = rows[0] if rows else {}
+    checks = [
+        ("op, `auto`: speed beside one busy process >= 0.5x idle", auto.get("speed busy / idle"), 0.5),
+        ("op, `auto`: idle speed >= 0.95x `none` (today's idle speed, within 5%)", auto.get("idle speed vs none"), 0.95),
+    ]
+    shape = OP_SHAPE
+    md = [
+        "## The op in a user's own loop",
+        "",
+        f"- `DSMRAttention(d_model={shape['d_model']}, n_heads={shape['n_heads']}, horizon={shape['horizon']})`, "
+        f"forward + backward of one {shape['segment']}-token segment (B = 1, fp32) over a full "
+        f"{shape['horizon']}-token memory, in a plain Python loop: no dsmr loop, no governed block",
+        "- `DSMR_THREADS` set in the worker before the first call; median per-call time after the first 1.5 s "
+        "(the governor decides once a second)",
+        "",
+        Table(cols, rows).markdown(),
+        "",
+        Table(["target", "measured", "met"],
+              [{"target": t, "measured": fmt(v) if v is not None else "—",
+                "met": "—" if v is None else ("yes" if v >= lim else "no")} for t, v, lim in checks]).markdown(),
+    ]
+    return "\n".join(md), rows
 
 
 def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, threads: int) -> Section:
     s = setting(quick)
+    op_results = [(c, r) for c, r in results if c.get("kind") == "op"]
+    results = [(c, r) for c, r in results if c.get("kind") != "op"]
     by = {(c["policy_name"], c["busy"]): r for c, r in results}
     names = list(dict.fromkeys(c["policy_name"] for c, _ in results))
     fixed_all = names[1] if len(names) > 1 else None
@@ -158,6 +270,9 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, threads
         "",
         Table(["target", "measured", "met"], target_rows).markdown(),
     ]
+    if op_results:
+        op_md, _ = render_op(op_results)
+        md += ["", op_md]
     if piece.get("synthetic"):
         md.insert(0, f"> **Note:** {piece['source']}\n")
     return Section("contention", "Training beside a busy process: thread policies", "\n".join(md), table.csv())
