@@ -71,6 +71,22 @@ def cpu_class_line() -> str:
     return text + (f"; emulated on a larger CPU with {' '.join(caps)}" if caps else "")
 
 
+def model_precision() -> str:
+    """Precision of the model-level rows: ``"bf16"`` (autocast) where the CPU has bf16 arithmetic,
+    ``"fp32"`` where bf16 would be emulated (AVX2 class: emulated bf16 GEMMs made one training
+    step take minutes, and no user would train that way there)."""
+    from dsmr_kernels.cpu_dispatch import detect_features
+
+    return "fp32" if detect_features().cpu_class == "no_bf16" else "bf16"
+
+
+def precision_text(precision: str) -> str:
+    """How a table names its rows' precision."""
+    if precision == "bf16":
+        return "bf16 autocast"
+    return "fp32 (no bf16 arithmetic on this CPU class, so no bf16 autocast)"
+
+
 def _version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)

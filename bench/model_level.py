@@ -13,7 +13,8 @@ from __future__ import annotations
 import time
 from typing import List, Tuple
 
-from bench.common import PeakMemory, Section, Table, fmt, mib, plt_agg, spread, worker_main
+from bench.common import (PeakMemory, Section, Table, fmt, mib, model_precision, plt_agg, precision_text, spread,
+                          worker_main)
 
 # The model every model-level table uses (the peer and generation tables too). Sized so that a
 # full-memory run over a 16k-token piece fits the default run's time budget on 2 CPU cores.
@@ -27,15 +28,15 @@ SMALL = dict(n_layers=6, d_model=256, n_heads=8, n_kv_heads=4, segment_len=512)
 def small_setting(quick: bool) -> dict:
     """Lanes, segments and the two-scale schedule of the `small` preset rows (one round: ~4 min)."""
     if quick:
-        return dict(lanes=2, n_segments=8, long=2048, short=256, n_long=3, precision="bf16")
-    return dict(lanes=8, n_segments=32, long=4096, short=512, n_long=2, precision="bf16")
+        return dict(lanes=2, n_segments=8, long=2048, short=256, n_long=3, precision=model_precision())
+    return dict(lanes=8, n_segments=32, long=4096, short=512, n_long=2, precision=model_precision())
 
 
 def setting(quick: bool) -> dict:
     """Piece length and schedule sizes of a run. Quick mode streams fewer segments, shorter horizons."""
     if quick:
-        return dict(n_segments=8, long=2048, short=256, precision="bf16")
-    return dict(n_segments=32, long=4096, short=512, precision="bf16")
+        return dict(n_segments=8, long=2048, short=256, precision=model_precision())
+    return dict(n_segments=32, long=4096, short=512, precision=model_precision())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +271,7 @@ def small_table(results, quick: bool) -> List[str]:
         "",
         f"- model: the `small` preset ({SMALL['n_layers']} layers, d_model {SMALL['d_model']}, {SMALL['n_heads']} "
         f"query / {SMALL['n_kv_heads']} KV heads, d_ff {4 * SMALL['d_model']}, segment {SMALL['segment_len']}), "
-        f"{sm['precision']} autocast, {sm['lanes']} lanes each streaming the first {n_tok:,} tokens of the piece "
+        f"{precision_text(sm['precision'])}, {sm['lanes']} lanes each streaming the first {n_tok:,} tokens of the piece "
         f"(one `train_step` per segment over all lanes), one round; other settings as above",
         "",
         Table(cols, rows).markdown(),
@@ -298,7 +299,7 @@ def render(results, quick: bool, piece: dict, out_dir, rounds: int) -> Section:
     method = ok[0].data["mem_method"] if ok else ""
     setting_desc = (
         f"{MODEL['n_layers']} layers, d_model {MODEL['d_model']}, {MODEL['n_heads']} heads, segment "
-        f"{MODEL['segment_len']}, {s['precision']} autocast, {n_tokens:,}-token piece, batch 1"
+        f"{MODEL['segment_len']}, {precision_text(s['precision'])}, {n_tokens:,}-token piece, batch 1"
     )
     md = [
         "## Configuration",
@@ -307,7 +308,7 @@ def render(results, quick: bool, piece: dict, out_dir, rounds: int) -> Section:
         f"(head dim {MODEL['d_model'] // MODEL['n_heads']}), d_ff {MODEL['d_ff']}, segment {MODEL['segment_len']}, "
         f"vocab {piece['vocab_size']}, {fmt(params)} parameters, op backend auto (torch on CPU)",
         f"- precision: {s['precision']} autocast (`torch.autocast('cpu', dtype=torch.bfloat16)`), fp32 weights and AdamW"
-        if s["precision"] == "bf16" else "- precision: fp32",
+        if s["precision"] == "bf16" else f"- precision: {precision_text(s['precision'])}",
         f"- piece: {piece['source']}; the first {n_tokens:,} tokens ({s['n_segments']} segments) are "
         "streamed, batch 1, one `dsmr.train.train_step` per segment (forward via `dsmr.stream.stream_segment`, "
         "backward, AdamW lr 3e-4, no clipping), state carried across segments",

@@ -18,7 +18,7 @@ import contextlib
 import time
 from typing import Callable, List, Tuple
 
-from bench.common import PeakMemory, Section, Table, fmt, mib, spread, worker_main
+from bench.common import PeakMemory, Section, Table, fmt, mib, precision_text, spread, worker_main
 from bench.model_level import MODEL, measure as measure_dsmr, setting
 
 
@@ -195,7 +195,7 @@ def render(results: List[Tuple[dict, object]], quick: bool, piece: dict, rounds:
         "",
         f"- both: {MODEL['n_layers']} layers, d_model {MODEL['d_model']}, {MODEL['n_heads']} heads, d_ff {MODEL['d_ff']}, "
         f"segment {MODEL['segment_len']}, vocab {piece['vocab_size']}, RMSNorm pre-norm, no biases, GELU MLP, tied "
-        f"embeddings, rotary over the full head dim; {s['precision']} autocast; fused AdamW (lr 3e-4) step per segment, batch 1",
+        f"embeddings, rotary over the full head dim; {precision_text(s['precision'])}; fused AdamW (lr 3e-4) step per segment, batch 1",
         f"- piece: {piece['source']}; first {n_tokens:,} tokens ({s['n_segments']} segments), one warm-up segment first",
         "- DSMR: `DSMRModel` with `schedules.uniform(n_layers, M)` (or `full`): caches rotated keys/values per layer",
         f"- x-transformers {xt_version}: `TransformerWrapper(max_mem_len=M, attn_layers=Decoder(rotary_pos_emb=True, "

@@ -80,6 +80,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: Seconds per section when no earlier run of the same mode is on record (2-core CPUs).
+FALLBACK_SECTION_S = {
+    False: {"op": 90, "schedules": 330, "peer": 130, "generation": 520, "contention": 200},
+    True: {"op": 30, "schedules": 60, "peer": 30, "generation": 90, "contention": 70},
+}
+
+
+def section_estimates(args) -> dict:
+    """Expected seconds per section: the last run of the same mode (``run.json`` in the results
+    folder) where it ran that section, else a fallback measured on 2-core CPUs."""
+    est = dict(FALLBACK_SECTION_S[bool(args.quick)])
+    try:
+        last = json.loads((args.out / "run.json").read_text())
+        if bool(last.get("quick")) == bool(args.quick):
+            for name, meta in last.get("per_section", {}).items():
+                est[name] = float(meta["wall_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return est
+
+
 def _load() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
@@ -197,10 +218,15 @@ def main(argv=None) -> int:
                 for k, v in plans.items() for c in v)
 
     section_meta = {}
+    est = section_estimates(args)
+    left = sum(est.get(n, 60.0) for n in args.sections)
+    print(f"Estimated wall time: {left / 60:.0f} min ({', '.join(f'{n} ~{est.get(n, 60.0) / 60:.1f}' for n in args.sections)}"
+          " min; from the last run of this mode in run.json, else 2-core defaults: another CPU may differ)\n", flush=True)
     with tqdm(total=total, desc="bench", unit="config", dynamic_ncols=True) as bar:
         for name in args.sections:
             t0 = time.perf_counter()
             load0 = _load()
+            bar.write(f"-- {name}: expected ~{est.get(name, 60.0) / 60:.1f} min; about {left / 60:.0f} min left in all")
             if name == "op":
                 sec = op.section(args.quick, args.threads, bar, out_dir)
             else:
@@ -217,6 +243,7 @@ def main(argv=None) -> int:
                 else:
                     sec = generation.render(results, args.quick, piece, out_dir, threads)
             wall = time.perf_counter() - t0
+            left = max(0.0, left - est.get(name, 60.0))
             sec.markdown += (f"\n\n_Section wall time {wall:.0f} s; load average (1/5/15 min) "
                              f"{load0} at its start, {_load()} at its end._\n")
             path = common.write_section(sec, out_dir, machine_md)
