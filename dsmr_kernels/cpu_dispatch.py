@@ -10,7 +10,8 @@ The CPU paths (:mod:`.cpu_paths`) differ in how they use the CPU's matrix units:
   Its backward's few large GEMMs also beat ATen's fp32 flash backward (11-18% on the EPYC), so
   the fp32 segment backward calibrates it against ``flash``.
 * ``upcast`` -- ``flash`` in fp32: right where the CPU has no bf16 / fp16 arithmetic (AVX2-only
-  laptops), whose half-precision GEMMs are emulated (fp16 ran 2-6x slower than fp32).
+  laptops), whose half-precision GEMMs are emulated (fp16 ran 2-6x slower than fp32). There the
+  bf16 forward calibrates it against ATen's own bf16 kernel, which widens tiles as it goes.
 
 ``DECISION_TABLE`` maps (dtype, shape class, CPU class) to the candidates of each direction.
 One candidate: the hardware settles it. Several: the first call of that kind times each
@@ -175,14 +176,18 @@ Candidates = Tuple[str, ...]
 #: the fp32 segment backward calibrates ``tiled`` against it: on the AMD EPYC its few large fp32
 #: GEMMs beat ATen's flash backward by 11-18% at S = 512, H = 8, M = 0-4096 (same golden
 #: tolerances). ``flash`` stays first, i.e. what runs with calibration off: ``tiled`` has not
-#: been timed in fp32 on other CPUs. fp64 takes ``flash`` everywhere (the tiled buffers are
+#: been timed in fp32 on other CPUs. Without bf16 arithmetic (AVX2) ATen's bf16 flash forward,
+#: which widens each tile as it goes, beat converting everything first (``upcast``): 3.7 vs 6.4
+#: ms at S = 512, M = 0 under AVX2 emulation, 23 vs 31 ms at M = 1024 on an AMD Zen 3; so the
+#: forward calibrates the two. Its bf16 backward is 4-8x slower than ``upcast``'s fp32 one (110
+#: vs 13 ms; 405 vs 98 ms), so the backward is ``upcast``. fp64 takes ``flash`` everywhere (the tiled buffers are
 #: fp32). fp16: AMX-FP16 is the only CPU feature that makes fp16 GEMMs fast ("amx_fp16" below is
 #: looked up in place of the CPU class for fp16).
 DECISION_TABLE: Dict[Tuple[str, str, str], Tuple[Candidates, Candidates]] = {
     # dtype    shape      CPU class       forward                      backward
     ("bf16", "segment", "amx"): (("flash", "upcast"), ("flash", "tiled", "upcast")),
     ("bf16", "segment", "bf16"): (("tiled",), ("tiled",)),
-    ("bf16", "segment", "no_bf16"): (("upcast",), ("upcast",)),
+    ("bf16", "segment", "no_bf16"): (("flash", "upcast"), ("upcast",)),
     ("bf16", "decode", "amx"): (("flash",), ("flash",)),
     ("bf16", "decode", "bf16"): (("flash",), ("flash",)),
     ("bf16", "decode", "no_bf16"): (("upcast",), ("upcast",)),
