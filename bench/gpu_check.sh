@@ -12,9 +12,10 @@
 #    autotuning every test shape;
 # 2. the op at the paper's shapes against PyTorch SDPA and FlexAttention, and the decode kernel
 #    against SDPA (bench/gpu_op.py, autotuned);
-# 3. full vs two-scale training at the paper preset (bench/gpu_model.py).
+# 3. full vs two-scale training at the paper preset (bench/gpu_model.py);
+# 4. the decode engine on CUDA: its logits against a float64 forward, tokens/s (bench/gpu_decode.py).
 # Each step has its own time limit; a failing step is recorded and the next one still runs.
-# Under 8 minutes on an H100/H200. Nothing is installed: the package is used from this checkout.
+# Under 12 minutes on an H100/H200. Nothing is installed: the package is used from this checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-out}"
@@ -38,12 +39,12 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
   fi
 fi
 
-echo "== 0/3 self-check: python -m dsmr_kernels.check"
+echo "== 0/4 self-check: python -m dsmr_kernels.check"
 timeout 240 "$PY" -m dsmr_kernels.check 2>&1 | tee "$OUT/check.txt" | tail -40
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "self-check: exit $rc"; status=1; }
 
-echo "== 1/3 kernel tests on CUDA"
+echo "== 1/4 kernel tests on CUDA"
 if "$PY" -c "import pytest" 2>/dev/null; then
   tests=$(ls tests/dsmr_kernels/test_triton*.py)
   DSMR_AUTOTUNE=0 timeout 300 "$PY" -m pytest -q -p no:cacheprovider $tests 2>&1 | tee "$OUT/kernel_tests.txt" | tail -15
@@ -54,15 +55,25 @@ else
   status=1
 fi
 
-echo "== 2/3 op vs SDPA / FlexAttention, decode vs SDPA"
+echo "== 2/4 op vs SDPA / FlexAttention, decode vs SDPA"
 timeout 240 "$PY" bench/gpu_op.py --out "$OUT" 2>&1 | tee "$OUT/gpu_op.log" | tail -30
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "gpu_op: exit $rc"; status=1; }
 
-echo "== 3/3 model level: full vs two_scale at the paper preset"
+echo "== 3/4 model level: full vs two_scale at the paper preset"
 timeout 200 "$PY" bench/gpu_model.py --out "$OUT" 2>&1 | tee "$OUT/gpu_model.log" | tail -12
 rc=${PIPESTATUS[0]}
 [ "$rc" -ne 0 ] && { echo "gpu_model: exit $rc"; status=1; }
+
+echo "== 4/4 decode engine on CUDA: logits vs a float64 forward, tokens/s vs model.forward"
+if "$PY" -c "import pytest" 2>/dev/null; then
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/dsmr/test_decode.py -k cuda 2>&1 | tee "$OUT/decode_tests.txt" | tail -5
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -ne 0 ] && { echo "decode tests: exit $rc"; status=1; }
+fi
+DSMR_AUTOTUNE=0 timeout 150 "$PY" bench/gpu_decode.py --out "$OUT" 2>&1 | tee "$OUT/gpu_decode.log" | tail -30
+rc=${PIPESTATUS[0]}
+[ "$rc" -ne 0 ] && { echo "gpu_decode: exit $rc"; status=1; }
 
 echo "results in $OUT/ (exit $status)"
 exit $status
