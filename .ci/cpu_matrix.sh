@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The CPU op/kernel tests again under CPU classes this machine may not be, with the real ATen and
 # oneDNN kernels (no mocks): ATEN_CPU_CAPABILITY narrows ATen's vector ISA, ONEDNN_MAX_CPU_ISA
-# oneDNN's GEMMs (it also takes AMX and AVX-512 BF16 away from the dispatcher's feature
-# detection), DSMR_CPU_CLASS forces a row of the decision table, OMP_NUM_THREADS the threads.
+# oneDNN's GEMMs and MKL_ENABLE_INSTRUCTIONS MKL's (ATen's flash kernel multiplies bf16 blocks
+# through MKL, which ignores oneDNN's cap; together they take AMX and AVX-512 BF16 away from the
+# dispatcher's feature detection too), DSMR_CPU_CLASS forces a row of the decision table,
+# OMP_NUM_THREADS the threads.
 # Legs a CPU cannot execute (AVX-512 on an AVX2-only CPU) are skipped with a line saying so.
 #
 #     bash .ci/cpu_matrix.sh            # every leg this CPU can run (about 2 minutes on 2 cores)
@@ -28,8 +30,8 @@ leg() {  # leg NAME VAR=VALUE...
   return "$rc"
 }
 
-leg "AVX2 only (AMD Zen 3 class), all threads" ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS="$nproc_all"
-leg "no vector ISA, 1 thread" ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=1
+leg "AVX2 only (AMD Zen 3 class), all threads" ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS="$nproc_all"
+leg "no vector ISA, 1 thread" ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=1
 if has avx512_bf16; then
   leg "AVX-512 BF16, no AMX (AMD Zen 4 class), 1 thread" ATEN_CPU_CAPABILITY=avx512 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 OMP_NUM_THREADS=1
 else

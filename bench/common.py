@@ -64,7 +64,7 @@ def cpu_class_line() -> str:
     from dsmr_kernels.cpu_dispatch import ENV_CLASS, detect_features, onednn_isa_cap
 
     feats = detect_features()
-    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", ENV_CLASS)
+    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", ENV_CLASS)
             if os.environ.get(k)]
     text = f"{feats.cpu_class} (ATen vector ISA {feats.capability}"
     text += f", oneDNN cap {onednn_isa_cap()})" if onednn_isa_cap() else ")"

@@ -15,9 +15,9 @@ The CPU paths (:mod:`.cpu_paths`) differ in how they use the CPU's matrix units:
 
 ``DECISION_TABLE`` maps (dtype, shape class, CPU class) to the candidates of each direction.
 One candidate: the hardware settles it. Several: the first call of that kind times each
-candidate on its own inputs (twice each, best kept) and caches the winner per (dtype, shape
-class, direction, thread count); ``DSMR_CPU_CALIBRATE=0`` turns that off (the first candidate
-is then used). ``DSMR_CPU_PATH`` (or ``torch_forward(path=...)``) overrides everything, for
+candidate on its own inputs (a warm-up and two alternating runs each, best kept) and caches the
+winner per (dtype, shape class, memory-size bucket, direction, thread count);
+``DSMR_CPU_CALIBRATE=0`` turns that off (the first candidate is then used). ``DSMR_CPU_PATH`` (or ``torch_forward(path=...)``) overrides everything, for
 benchmarks: ``flash``, ``tiled``, ``upcast`` or ``fwd=tiled,bwd=flash``.
 """
 from __future__ import annotations
@@ -105,6 +105,17 @@ def onednn_isa_cap() -> Optional[str]:
     return text or None
 
 
+#: ``MKL_ENABLE_INSTRUCTIONS`` values that leave MKL no bf16 GEMM: ATen's flash kernel multiplies
+#: bf16 blocks through MKL, which ignores oneDNN's cap (AVX2 emulation needs both caps).
+MKL_NO_BF16 = ("SSE4_2", "AVX", "AVX2", "AVX512", "AVX512_E1", "AVX512_E2")
+
+
+def mkl_cap() -> Optional[str]:
+    """``$MKL_ENABLE_INSTRUCTIONS`` upper-cased, None if unset."""
+    text = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").strip().upper()
+    return text or None
+
+
 def isa_allows(cap: Optional[str], isa: str) -> bool:
     """Whether a oneDNN cap admits ``isa``; no cap, or a name oneDNN would ignore, admits all."""
     if cap is None or cap not in ONEDNN_ISA_RANK or cap == "ALL":
@@ -117,8 +128,9 @@ def isa_allows(cap: Optional[str], isa: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def detect_features() -> CpuFeatures:
     """This machine's features: /proc/cpuinfo flags (or torch's cpuinfo probes elsewhere), narrowed
-    to what the process may use: ``ATEN_CPU_CAPABILITY`` (ATen's vector ISA) and
-    ``ONEDNN_MAX_CPU_ISA`` (oneDNN's GEMMs) emulate a smaller CPU with the real kernels, and the
+    to what the process may use: ``ATEN_CPU_CAPABILITY`` (ATen's vector ISA),
+    ``ONEDNN_MAX_CPU_ISA`` (oneDNN's GEMMs) and ``MKL_ENABLE_INSTRUCTIONS`` (MKL's, which ATen's
+    flash kernel uses for bf16 blocks) emulate a smaller CPU with the real kernels, and the
     paths follow what those caps leave. ``$DSMR_CPU_CLASS`` then sets the matrix-unit flags of the
     class it names, so that class's row of the table is taken (read once per process)."""
     flags = _cpuinfo_flags()
@@ -131,8 +143,9 @@ def detect_features() -> CpuFeatures:
         avx2=("avx2" in flags or _torch_says("_is_avx2_supported")) and capability != "DEFAULT",
         avx512=avx512_hw and capability.startswith("AVX512") and isa_allows(cap, "AVX512_CORE"),
         avx512_bf16=("avx512_bf16" in flags or _torch_says("_is_avx512_bf16_supported"))
-        and isa_allows(cap, "AVX512_CORE_BF16"),
-        amx_bf16=("amx_bf16" in flags or _torch_says("_is_amx_tile_supported")) and isa_allows(cap, "AVX512_CORE_AMX"),
+        and isa_allows(cap, "AVX512_CORE_BF16") and mkl_cap() not in MKL_NO_BF16,
+        amx_bf16=("amx_bf16" in flags or _torch_says("_is_amx_tile_supported")) and isa_allows(cap, "AVX512_CORE_AMX")
+        and mkl_cap() not in MKL_NO_BF16,
         amx_fp16=("amx_fp16" in flags or _torch_says("_is_amx_fp16_supported"))
         and isa_allows(cap, "AVX512_CORE_AMX_FP16"),
         arm_bf16=arm and "bf16" in flags,
@@ -257,13 +270,18 @@ def calibration_enabled() -> bool:
     return os.environ.get(ENV_CALIBRATE, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+#: Timed runs per candidate after its warm-up run, alternating between candidates.
+CALIBRATION_RUNS = 2
+
+
 def calibrate(key: tuple, candidates: Candidates, run: Callable[[str], object]):
     """``(choice, result)``: the cached choice for ``key`` (result None), else time each candidate.
 
-    ``run(candidate)`` does the real work of the call; each candidate runs twice (the first run
-    pays one-time costs) and the faster run counts. The winner's last result is returned, so the
-    calibrating call's work is not wasted. With one candidate or calibration off, the first
-    candidate is returned without running anything.
+    ``run(candidate)`` does the real work of the call. Each candidate runs once to pay its
+    one-time costs, then :data:`CALIBRATION_RUNS` more times, alternating between candidates so
+    that a burst of load hits them alike; the fastest run counts. The winner's last result is
+    returned, so the calibrating call's work is not wasted. With one candidate or calibration
+    off, the first candidate is returned without running anything.
     """
     if len(candidates) == 1 or not calibration_enabled():
         return candidates[0], None
@@ -271,22 +289,31 @@ def calibrate(key: tuple, candidates: Candidates, run: Callable[[str], object]):
         # A choice restored from a checkpoint written on another CPU may not be a candidate here.
         if _CALIBRATED.get(key) in candidates:
             return _CALIBRATED[key], None
-    times, results = {}, {}
+    times, results = {name: float("inf") for name in candidates}, {}
     for name in candidates:
-        best = float("inf")
-        for _ in range(2):
+        results[name] = run(name)
+    for _ in range(CALIBRATION_RUNS):
+        for name in candidates:
             t0 = _clock()
             results[name] = run(name)
-            best = min(best, _clock() - t0)
-        times[name] = best
+            times[name] = min(times[name], _clock() - t0)
     choice = min(candidates, key=lambda n: times[n])
     with _LOCK:
         _CALIBRATED[key] = choice
     return choice, results[choice]
 
 
-def calibration_key(direction: str, dtype: torch.dtype, S: int) -> tuple:
-    return (direction, _DTYPE_NAMES[dtype], shape_class(S), torch.get_num_threads())
+def memory_bucket(M: int) -> str:
+    """Memory sizes calibrated apart: which path wins moves with M (fp32 backward, AVX2
+    emulation: ATen's flash at M = 0, the tiled backward by 11% at M = 4096)."""
+    if M <= 0:
+        return "m0"
+    return "m<=1k" if M <= 1024 else ("m<=4k" if M <= 4096 else "m>4k")
+
+
+def calibration_key(direction: str, dtype: torch.dtype, S: int, M: int = 0) -> tuple:
+    """``(direction, dtype, shape class/memory bucket, threads)``: one calibrated choice each."""
+    return (direction, _DTYPE_NAMES[dtype], f"{shape_class(S)}/{memory_bucket(M)}", torch.get_num_threads())
 
 
 def clear_calibration() -> None:
@@ -327,6 +354,8 @@ def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
             "cpu class": feats.cpu_class if forced is None else f"{forced} (forced by {ENV_CLASS}; CPU: {real})"}
     if onednn_isa_cap():
         info["oneDNN ISA cap"] = onednn_isa_cap()
+    if mkl_cap():
+        info["MKL instructions cap"] = mkl_cap()
     override = os.environ.get(ENV_PATH)
     if parse_override(override) is not None:
         info["override"] = f"{ENV_PATH}={override}"
@@ -335,10 +364,14 @@ def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
             fwd, bwd = choose(dtype, S, features)
             text = []
             for direction, cands in (("fwd", fwd), ("bwd", bwd)):
-                key = calibration_key(direction, dtype, S)
                 if len(cands) > 1:
-                    got = _CALIBRATED.get(key)
-                    pick = got if got else ("calibrated on first use" if calibration_enabled() else cands[0])
+                    prefix = calibration_key(direction, dtype, S)[:2]
+                    got = [(k[2].split("/", 1)[1], p) for k, p in sorted(_CALIBRATED.items())
+                           if k[:2] == prefix and k[2].startswith(shape + "/") and k[3] == torch.get_num_threads()]
+                    if got:
+                        pick = ", ".join(f"{p} at {b}" for b, p in got)
+                    else:
+                        pick = "calibrated on first use" if calibration_enabled() else cands[0]
                     text.append(f"{direction} {pick} (of {'/'.join(cands)})")
                 else:
                     text.append(f"{direction} {cands[0]}")

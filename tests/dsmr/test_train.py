@@ -450,7 +450,8 @@ def test_resume_adopts_the_calibrated_cpu_paths_of_the_run_it_continues(tmp_path
     # only the restored choice can make it tiled.
     ticks = iter(range(10 ** 6))
     monkeypatch.setattr(cd, "_clock", lambda: next(ticks))
-    chosen = [["bwd", "fp32", "segment", torch.get_num_threads(), "tiled"]]
+    chosen = [["bwd", "fp32", f"segment/{b}", torch.get_num_threads(), "tiled"]
+              for b in sorted({cd.memory_bucket(m) for m in (0, 1, 2048, 8192)})]
     cd.load_calibration(chosen)
     assert cd.calibration_state() == chosen
     pieces = motif_corpus(4, seed=1, reps=(2, 5))
