@@ -146,8 +146,11 @@ class _Workspace:
     """
 
     def __init__(self, elems: int, device, n16: int, n32: int, dtype):
-        self.b16 = [torch.empty(elems, dtype=dtype, device=device) for _ in range(n16)]
-        self.b32 = [torch.empty(elems, dtype=torch.float32, device=device) for _ in range(n32)]
+        # Normal tensors even when first built under inference_mode (generation), which would
+        # make them inference tensors that a later training call may not write into.
+        with torch.inference_mode(False):
+            self.b16 = [torch.empty(elems, dtype=dtype, device=device) for _ in range(n16)]
+            self.b32 = [torch.empty(elems, dtype=torch.float32, device=device) for _ in range(n32)]
 
     @staticmethod
     def view(buf: torch.Tensor, shape) -> torch.Tensor:
@@ -181,7 +184,8 @@ def scratch(name: str, shape, dtype, device) -> torch.Tensor:
     need = math.prod(shape)
     buf = store.get(key)
     if buf is None or buf.numel() < need:
-        buf = store[key] = torch.empty(need, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # see _Workspace: a buffer outlives the mode it was made in
+            buf = store[key] = torch.empty(need, dtype=dtype, device=device)
     return buf[:need].view(shape)
 
 

@@ -42,3 +42,18 @@ def test_mixed_routes_match_reference_bf16(fwd, bwd, window, monkeypatch):
 def test_route_rejects_unknown_paths():
     with pytest.raises(ValueError, match="CPU path must be one of"):
         Route("flash", "fast")
+
+
+@pytest.mark.parametrize("path", ["upcast", "tiled"])
+def test_buffers_made_under_inference_mode_serve_training_calls(path, monkeypatch):
+    """The paths' reused scratch buffers, first made under inference_mode (generation), must not
+    become inference tensors that a later training call cannot write into."""
+    from dsmr_kernels.cpu_tiled import release_workspaces
+
+    force_route(monkeypatch, path)
+    release_workspaces()
+    q, k, v, mk, mv, ml = make_inputs(2, 4, 2, 20, 9, 16, torch.bfloat16, mem_len=[9, 4])
+    with torch.inference_mode():
+        torch_op(q.detach(), k.detach(), v.detach(), mk, mv, ml)
+    check_against_golden(torch_op, torch.bfloat16, 2, 4, 2, 20, 9, 16, None, mem_len=[9, 4])
+    release_workspaces()
