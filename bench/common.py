@@ -13,6 +13,7 @@ import io
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -158,16 +159,23 @@ def time_interleaved(
     """Median wall time (s) of each callable, timed round-robin.
 
     Round-robin (a, b, a, b, ...) instead of (a, a, ..., b, b, ...) so that a burst of load from
-    another process hits every candidate alike and the *ratios* stay fair. ``max_seconds`` stops
-    adding repetitions once spent (at least 3 are always taken).
+    another process hits every candidate alike and the *ratios* stay fair. The order is shuffled
+    every repetition (seeded): in a fixed order the call after a large one (the reference's score
+    matrices) always ran on cold caches and freshly faulted pages, which cost the op 0.3 ms
+    (18%) at M = 0 on the Xeon; shuffled, such a neighbour hits a row now and then, and the
+    median drops it. ``max_seconds`` stops adding repetitions once spent (at least 3
+    are always taken).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: Dict[str, List[float]] = {k: [] for k in fns}
+    items = list(fns.items())
+    order = random.Random(0)
     start = time.perf_counter()
     for r in range(reps):
-        for name, fn in fns.items():
+        order.shuffle(items)
+        for name, fn in items:
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)

@@ -48,7 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             "              M in {0, 1024, 4096}, fp32 and bf16, against a same-run matmul ceiling\n"
             "  schedules   training tokens/s and peak memory of every schedule family on one long piece\n"
             "  peer        DSMR vs x-transformers (hidden-state memory, re-projected every segment)\n"
-            "  generation  sampling 4k/16k/64k tokens (quick: 1k/4k) with bounded caches; per-token latency\n"
+            "  generation  the decode engine: tokens/s of the tiny and small shapes at batch 1 and 8 on 1 and all\n"
+            "              threads beside their arithmetic limit, time to first token after 4k/32k prompts,\n"
+            "              per-token time to 64k tokens, peak RSS, x-transformers' cached generation\n"
             "  contention  dsmr.train.train tokens/s idle and beside one busy process, per thread policy\n"
             "  study       (only with --only study) dsmr study: every schedule family trained and compared; its\n"
             "              rows live in runs/study (resumable), study.csv/md/png are copied to the results folder\n"
@@ -62,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch intra-op threads in every measuring process (default: all logical CPUs)")
     p.add_argument("--generation-threads", type=int, default=1,
-                   help="torch threads for the generation section (default 1: batch-1 decoding is a chain of "
+                   help="torch threads of the generation workers' process (each row then sets its own: 1 or all; "
+                        "default 1: batch-1 decoding is a chain of "
                         "tiny ops where a second thread saves little and a busy core stalls every op)")
     p.add_argument("--rounds", type=int, default=None,
                    help="runs of every schedules/peer configuration; each segment keeps its fastest step (default: 2, quick: 1)")
@@ -263,6 +266,16 @@ def main(argv=None) -> int:
         "machine": info,
         "piece": piece,
     }
+    # Sections this run skipped keep their last timing (same mode): the ETA of the next full run
+    # and the record of how long each committed table took stay complete.
+    try:
+        last = json.loads((out_dir / "run.json").read_text())
+        if bool(last.get("quick")) == bool(args.quick):
+            for name, meta in last.get("per_section", {}).items():
+                if name not in section_meta:
+                    section_meta[name] = {**meta, "from_run": meta.get("from_run", last.get("command"))}
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
     (out_dir / "run.json").write_text(json.dumps(run_meta, indent=2) + "\n")
     write_index(out_dir, machine_md, run_meta)
     shutil.rmtree(tmp_dir, ignore_errors=True)
