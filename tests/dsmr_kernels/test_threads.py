@@ -7,24 +7,8 @@ from dsmr_kernels import threads as kt
 from dsmr_kernels import torch_backend
 from dsmr_kernels.testing import make_inputs
 
+from ..dsmr.test_threads import FakeSampler  # scripted /proc/stat
 from .cpu_helpers import torch_op
-
-
-class FakeSampler:
-    """Scripted /proc/stat: each sample advances 1 s; ``others`` and ``mine`` are cores' worth of CPU."""
-
-    def __init__(self, script, n_cpus=2):
-        self.script, self.n_cpus = list(script), n_cpus
-        self.t = self.busy = self.mine = 0.0
-
-    def sample(self):
-        if not self.script:
-            return None
-        others, mine = self.script.pop(0)
-        self.t += 1.0
-        self.busy += others + mine
-        self.mine += mine
-        return self.t, self.busy, self.mine
 
 
 @pytest.fixture
