@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -170,7 +171,7 @@ def op_for(path: str) -> Callable:
 def _inputs(case: Case, dtype: torch.dtype, device: str):
     q, k, v, mk, mv, ml = make_inputs(case.B, case.H, case.Hkv, case.S, case.M, case.D, torch.float64,
                                       mem_len=list(case.mem_len) if case.mem_len else None,
-                                      requires_grad=False, seed=hash(case.name) % 1000)
+                                      requires_grad=False, seed=zlib.crc32(case.name.encode()) % 1000)
     if case.nonfinite:
         q[1, 2, 5, 3] = float("nan")  # one query row
         v[0, 1, 7, 0] = float("inf")  # a segment value row: rows 7.. of lane 0's heads 2-3 see it
