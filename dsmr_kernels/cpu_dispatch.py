@@ -125,14 +125,11 @@ def isa_allows(cap: Optional[str], isa: str) -> bool:
     return ONEDNN_ISA_RANK[cap] >= ONEDNN_ISA_RANK[isa]
 
 
-@functools.lru_cache(maxsize=1)
-def detect_features() -> CpuFeatures:
+def _probe_features() -> CpuFeatures:
     """This machine's features: /proc/cpuinfo flags (or torch's cpuinfo probes elsewhere), narrowed
     to what the process may use: ``ATEN_CPU_CAPABILITY`` (ATen's vector ISA),
     ``ONEDNN_MAX_CPU_ISA`` (oneDNN's GEMMs) and ``MKL_ENABLE_INSTRUCTIONS`` (MKL's, which ATen's
-    flash kernel uses for bf16 blocks) emulate a smaller CPU with the real kernels, and the
-    paths follow what those caps leave. ``$DSMR_CPU_CLASS`` then sets the matrix-unit flags of the
-    class it names, so that class's row of the table is taken (read once per process)."""
+    flash kernel uses for bf16 blocks) emulate a smaller CPU with the real kernels."""
     flags = _cpuinfo_flags()
     arm = platform.machine().lower() in ("aarch64", "arm64")
     capability = torch.backends.cpu.get_cpu_capability()
@@ -150,22 +147,21 @@ def detect_features() -> CpuFeatures:
         and isa_allows(cap, "AVX512_CORE_AMX_FP16"),
         arm_bf16=arm and "bf16" in flags,
     )
-    forced = forced_class()
-    if forced is not None:  # the class's matrix-unit flags, whatever the CPU has
-        feats = replace(feats, amx_bf16=forced == "amx", amx_fp16=forced == "amx" and feats.amx_fp16,
-                        avx512_bf16=forced != "no_bf16" and (feats.avx512_bf16 or not feats.arm_bf16),
-                        arm_bf16=feats.arm_bf16 and forced != "no_bf16")
     return feats
 
 
-def _unforced_class() -> str:
-    """This CPU's own class, ignoring ``$DSMR_CPU_CLASS`` (for reports)."""
-    saved = os.environ.pop(ENV_CLASS, None)
-    try:
-        return detect_features.__wrapped__().cpu_class
-    finally:
-        if saved is not None:
-            os.environ[ENV_CLASS] = saved
+@functools.lru_cache(maxsize=1)
+def detect_features() -> CpuFeatures:
+    """:func:`_probe_features`, the paths following what the caps leave; ``$DSMR_CPU_CLASS`` then
+    sets the matrix-unit flags of the class it names, so that class's row of the table is taken
+    (read once per process)."""
+    feats = _probe_features()
+    forced = forced_class()
+    if forced is None:
+        return feats
+    bf16 = forced != "no_bf16"
+    return replace(feats, amx_bf16=forced == "amx", amx_fp16=forced == "amx" and feats.amx_fp16,
+                   avx512_bf16=bf16 and not feats.arm_bf16, arm_bf16=bf16 and feats.arm_bf16)
 
 
 def forced_class() -> Optional[str]:
@@ -349,9 +345,8 @@ def describe_cpu(features: Optional[CpuFeatures] = None) -> Dict[str, str]:
     """
     feats = features or detect_features()
     forced = forced_class() if features is None else None
-    real = _unforced_class() if forced else None
     info = {"cpu features": feats.flags, "ATen capability": feats.capability,
-            "cpu class": feats.cpu_class if forced is None else f"{forced} (forced by {ENV_CLASS}; CPU: {real})"}
+            "cpu class": feats.cpu_class if forced is None else f"{forced} (forced by {ENV_CLASS}; CPU: {_probe_features().cpu_class})"}
     if onednn_isa_cap():
         info["oneDNN ISA cap"] = onednn_isa_cap()
     if mkl_cap():
