@@ -11,6 +11,10 @@ is position 1, so a piece of L ids has targets 1..L+1)::
     "1-1k": 1..1024   "1k-4k": 1025..4096   "4k-8k": 4097..8192
     "8k-16k": 8193..16384   "16k-32k": 16385..32768   "32k+": 32769..
 
+Offset buckets use the target's column within its segment (0..S-1): ``"0-15"``, ``"16-63"``,
+``"64+"``. A target at offset j sees j + 1 inputs of its own segment; everything older comes
+through the recurrent memory, so these buckets show where memory carries context.
+
 Given the tokenizer (or the pieces' note counts), the result also holds **NLL per note**: a
 piece's total NLL (every real target, EOS included) over its note count (:mod:`dsmr.notes`),
 pooled over pieces as ``sum(NLL) / sum(notes)``. Unlike NLL per token it compares across
@@ -30,6 +34,10 @@ from .threads import Policy, governed
 
 BUCKET_EDGES = (1024, 4096, 8192, 16384, 32768)
 BUCKET_LABELS = ("1-1k", "1k-4k", "4k-8k", "8k-16k", "16k-32k", "32k+")
+# Offset of a target within its segment (0 = the segment's first column). Early columns see only a
+# few tokens of their own segment, so what cross-segment memory gives shows up there first.
+OFFSET_EDGES = (16, 64)
+OFFSET_LABELS = ("0-15", "16-63", "64+")
 
 
 def _bucket_summary(labels, sums: Sequence[float], counts: Sequence[float]) -> dict:
@@ -85,7 +93,9 @@ def evaluate(
 
     Returns:
         ``{"nll", "ppl", "tokens", "nll_sum", "pieces", "buckets": {label: {"tokens", "nll_sum",
-        "nll", "ppl"}}}``; the buckets' ``tokens`` and ``nll_sum`` add up to the totals. With
+        "nll", "ppl"}}, "offsets": {label: {...}}}``: ``buckets`` by position in the piece,
+        ``offsets`` by offset in the segment (:data:`OFFSET_LABELS`); each set's ``tokens`` and
+        ``nll_sum`` add up to the totals. With
         ``tokenizer`` or ``notes`` also ``"notes"`` (total), ``"nll_per_note"`` (summed NLL of the
         pieces that have notes / their notes; None if none has) and ``"piece_nll"`` (each piece's
         total NLL, ``(len(pieces),)`` list).
@@ -105,6 +115,12 @@ def evaluate(
     nb = len(BUCKET_LABELS)
     sums = torch.zeros(nb, dtype=torch.float64, device=device)
     counts = torch.zeros(nb, dtype=torch.float64, device=device)
+    off_edges = torch.tensor(OFFSET_EDGES, device=device)
+    no = len(OFFSET_LABELS)
+    off_sums = torch.zeros(no, dtype=torch.float64, device=device)
+    off_counts = torch.zeros(no, dtype=torch.float64, device=device)
+    # (1, S): every lane's segment starts at column 0.
+    off_bucket = torch.bucketize(torch.arange(S, device=device), off_edges, right=True)[None]
     piece_nll = torch.zeros(len(pieces), dtype=torch.float64, device=device)
 
     was_training = raw.training
@@ -121,14 +137,19 @@ def evaluate(
                 bucket = torch.bucketize(b.positions().to(device) - 1, edges, right=True)[mask]  # (n,)
                 sums.index_add_(0, bucket, nll[mask].double())
                 counts += torch.bincount(bucket, minlength=nb).double()
+                ob = off_bucket.expand_as(mask)[mask]
+                off_sums.index_add_(0, ob, nll[mask].double())
+                off_counts += torch.bincount(ob, minlength=no).double()
                 live = b.piece >= 0
                 piece_nll.index_add_(0, b.piece[live].to(device), (nll * mask).sum(1).double()[live.to(device)])
         finally:
             raw.train(was_training)
 
     if world_size > 1:
-        both = sum_over_ranks(torch.cat([sums, counts, piece_nll]))
-        sums, counts, piece_nll = both[:nb], both[nb:2 * nb], both[2 * nb:]
+        both = sum_over_ranks(torch.cat([sums, counts, off_sums, off_counts, piece_nll]))
+        sums, counts = both[:nb], both[nb:2 * nb]
+        off_sums, off_counts = both[2 * nb:2 * nb + no], both[2 * nb + no:2 * (nb + no)]
+        piece_nll = both[2 * (nb + no):]
     total, n = float(sums.sum()), int(round(float(counts.sum())))
     mean = total / n if n else float("nan")
     per_note = {} if notes is None else _per_note(piece_nll.tolist(), notes)
@@ -139,6 +160,7 @@ def evaluate(
         "nll_sum": total,
         "pieces": len(pieces),
         "buckets": _bucket_summary(BUCKET_LABELS, sums.tolist(), counts.tolist()),
+        "offsets": _bucket_summary(OFFSET_LABELS, off_sums.tolist(), off_counts.tolist()),
         **per_note,
     }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -274,6 +274,22 @@ class DSMRModel(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def with_horizons(self, horizons: Optional[Sequence[Optional[int]]]) -> "DSMRModel":
+        """A copy of this model with other per-layer memory horizons and the same weights.
+
+        ``horizons``: one entry per layer (None = whole history, an int = that many tokens, 0 =
+        no memory), or None for full memory everywhere. Horizons hold no weights, so this is how
+        a trained model is evaluated with its memory wiped (``[0] * n_layers``) or longer than it
+        was trained with. The copy is on the same device and dtype, in the same train/eval mode;
+        it shares no tensors with this model.
+        """
+        if horizons is not None:
+            horizons = schedules.validate(list(horizons), self.config.n_layers)
+        ref = self.embed.weight
+        other = DSMRModel(replace(self.config, horizons=horizons)).to(device=ref.device, dtype=ref.dtype)
+        other.load_state_dict(self.state_dict())
+        return other.train(self.training)
 
     def init_state(self, batch: int, device=None) -> ModelState:
         """Empty state for ``batch`` lanes (every lane at the start of a piece)."""

@@ -21,8 +21,10 @@ row sees exactly the same training tokens):
 
 ``full``, ``two_scale`` and ``none`` train with two seeds (``noise_seeds``), so the table shows
 which differences are noise. Per row: the best checkpoint by validation perplexity is measured for
-validation perplexity, NLL per token by position bucket, NLL per note, the learning curve (every
-validation during training), and KRCU at two reset points (the KV-reset diagnostic with memory
+validation perplexity, NLL per token by position bucket and by offset within the segment, NLL per
+note, the same NLLs with the row's memory wiped at every segment start (what memory gives at
+inference, and how the weights do without it), the learning curve (every validation during
+training), and KRCU at two reset points (the KV-reset diagnostic with memory
 wiped at R = 4096 and R = 8192 by default, each averaged over the validation and test pieces long
 enough to reach R + window); training tokens/s and peak memory come from the training itself; KV
 slots and MiB per lane at the end of a 16k-token piece from :func:`dsmr.schedules.budget`.
@@ -33,7 +35,8 @@ tokens per row, a reduced set of rows; see its docstring for the plan and wall t
 :func:`study_plan` lists the rows and token budget of a configuration without training.
 
 Resumable: each row lives in ``OUT/rows/<name>-s<seed>/`` (the trainer's checkpoints, then
-``train.json`` and ``result.json``, each written atomically). A rerun reuses every finished row,
+``train.json`` and ``result.json``, each written atomically). A rerun reuses every finished row
+(measuring it again, without retraining, when its ``result.json`` predates a measure),
 continues a row whose training stopped from its ``last.pt``, and logs what it did to
 ``OUT/study.log``. The report (:mod:`dsmr.study_report`) is rebuilt from the row files.
 """
@@ -59,6 +62,11 @@ from .model import DSMRConfig
 AT_BUDGET = ("reverse_two_scale", "uniform", "progressive_asc", "progressive_desc", "selective",
              "perceiver_ar_like")
 FAMILY_ROWS = ("full", "none", "two_scale") + AT_BUDGET + ("fhcr",)
+# Version of the measurements in result.json; a row measured by an older dsmr is measured again
+# (its training is reused). 2: NLL by segment offset and with memory wiped.
+MEASURES = 2
+# StudyConfig fields added after studies were run, with the value an older meta.json stands for.
+_ADDED_FIELDS = {"rows": None}
 
 
 @dataclass
@@ -80,6 +88,7 @@ class StudyConfig:
     others are left out and counted). ``kv_piece_len``: the piece length of the KV columns.
     ``fhcr_kv_heads``: KV heads of the ``fhcr`` row (default: half the preset's, at least 1).
     ``schedules``: extra or replacing rows, ``"SPEC"`` or ``"NAME=SPEC"`` (see :func:`study_rows`).
+    ``rows``: only the rows of these names, families or extra rows alike (default: all).
     """
 
     preset: str = "tiny"
@@ -108,8 +117,13 @@ class StudyConfig:
     kv_piece_len: int = 16_384
     fhcr_kv_heads: Optional[int] = None
     device: str = "cpu"
+    rows: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self):
+        if self.rows is not None:
+            self.rows = tuple(self.rows)
+            if not self.rows:
+                raise ValueError("rows must name at least one row")
         if self.families is not None:
             self.families = tuple(self.families)
             unknown = [f for f in self.families if f not in FAMILY_ROWS]
@@ -234,8 +248,8 @@ def study_rows(cfg: StudyConfig, n_layers: int, n_kv_heads: int) -> List[Row]:
     ``progressive:...,ascending=false`` replaces ``progressive_desc``; ``fhcr:n_kv_heads=1``
     replaces ``fhcr``; ``none`` is the no-memory control; an explicit list names itself). A
     replaced ``two_scale`` also moves the budget of the families set at it. ``cfg.families``
-    keeps only those family rows (the extra rows are always kept). Raises ``ValueError`` for a
-    bad spec.
+    keeps only those family rows (the extra rows are always kept); ``cfg.rows`` then keeps only
+    the rows of those names. Raises ``ValueError`` for a bad spec or a row name that is not there.
     """
     fhcr_kv = cfg.fhcr_kv_heads or max(1, n_kv_heads // 2)
     if n_kv_heads % fhcr_kv or fhcr_kv > n_kv_heads:
@@ -251,6 +265,11 @@ def study_rows(cfg: StudyConfig, n_layers: int, n_kv_heads: int) -> List[Row]:
         table = {k: v for k, v in table.items() if k in cfg.families}
     for name, spec, horizons, kv in extra:
         table[name] = (spec, horizons, kv)
+    if cfg.rows is not None:
+        missing = [k for k in cfg.rows if k not in table]
+        if missing:
+            raise ValueError(f"no row named {', '.join(missing)}; this study's rows are {', '.join(table)}")
+        table = {k: v for k, v in table.items() if k in cfg.rows}
     names = list(table)
     rows = [Row(k, table[k][0], table[k][1], table[k][2], cfg.seed) for k in names]
     for k in names:
@@ -420,12 +439,23 @@ def _measure_row(row: Row, model_cfg: DSMRConfig, cfg: StudyConfig, corpus: dict
                           n_kv_heads=model_cfg.n_kv_heads or model_cfg.n_heads, head_dim=model_cfg.head_dim,
                           bytes_per_elem=next(model.parameters()).element_size())
     out = {
-        "best_step": info["step"], "val_ppl": ev["ppl"], "val_nll": ev["nll"],
+        "measures": MEASURES, "best_step": info["step"], "val_ppl": ev["ppl"], "val_nll": ev["nll"],
         "val_nll_per_note": ev["nll_per_note"], "val_tokens": ev["tokens"], "val_notes": ev["notes"],
         "val_pieces": ev["pieces"],
         "buckets": {k: b["nll"] for k, b in ev["buckets"].items() if b["tokens"]},
+        "offsets": {k: b["nll"] for k, b in ev["offsets"].items() if b["tokens"]},
         "kv_slots": kv["slots"], "kv_mib": kv["bytes"] / 2 ** 20,
     }
+    # The same weights with every layer's memory wiped at each segment start: what the memory gives
+    # at inference (this minus the above), and how the model does without it (against `none`).
+    if any(h != 0 for h in model_cfg.layer_horizons):
+        off = evaluate(model.with_horizons([0] * model_cfg.n_layers), corpus["val"], pad_id=v.pad_id,
+                       bos_id=v.bos_id, eos_id=v.eos_id, batch_lanes=cfg.batch_lanes, progress=progress)
+    else:
+        off = ev
+    out.update({"val_nll_nomem": off["nll"],
+                "buckets_nomem": {k: b["nll"] for k, b in off["buckets"].items() if b["tokens"]},
+                "offsets_nomem": {k: b["nll"] for k, b in off["offsets"].items() if b["tokens"]}})
     for prefix, (R, W) in zip(("krcu", "krcu_long"), _krcu_points(cfg)):
         out.update(_krcu_row(model, corpus["krcu"][(R, W)], prefix, R, W, v, progress))
     return out
@@ -479,12 +509,14 @@ def run_row(row: Row, cfg: StudyConfig, corpus: dict, out_dir: Path, *, progress
     """Train and measure one row under ``out_dir/rows/<key>/``; a finished row is read back, not redone."""
     folder = Path(out_dir) / "rows" / row.key
     done = _read_json(folder / "result.json")
-    if done is not None:
+    if done is not None and done.get("measures", 1) >= MEASURES:
         log(f"{row.key}: reused (finished {done['finished_at']})")
         return done
     folder.mkdir(parents=True, exist_ok=True)
     model_cfg = _model_config(cfg, row, corpus["vocab"].vocab_size)
     trained = _read_json(folder / "train.json")
+    if done is not None and trained is not None:
+        log(f"{row.key}: measuring again (results from an older dsmr lack some columns; training reused)")
     if trained is None:
         log(f"{row.key}: training {schedules.describe(row.horizons)}"
             + (" (continuing from last.pt)" if (folder / "last.pt").exists() else ""))
@@ -606,7 +638,9 @@ def _start_meta(out: Path, cfg: StudyConfig, data, source, rows: Sequence[Row]) 
     """The configuration block of the report; the start time and load survive a resume."""
     saved = _read_json(out / "meta.json") or {}
     mine = json.loads(json.dumps(cfg.to_dict()))
-    if saved.get("config", mine) != mine:
+    # A study folder from before a field existed holds that field's default.
+    before = {**_ADDED_FIELDS, **saved.get("config", mine)}
+    if before != mine:
         raise ValueError(f"{out} holds a study with a different configuration ({out / 'meta.json'}); "
                          "use another --out, or the same options to resume it")
     meta = {"config": cfg.to_dict(), "source": str(getattr(data, "path", source)),

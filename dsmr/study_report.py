@@ -5,7 +5,15 @@ spread between the seeds of the rows trained twice as the noise, says which diff
 within it, states every comparison against full memory (``full``) and against no memory (the
 ``none`` control), and says plainly when memory does not pay (when no schedule with memory beats
 ``none`` by more than that noise; and, separately, whether full memory beats the schedule with
-the least KV state).
+the least KV state). It then splits each schedule's distance to ``none`` in two, from the same
+weights evaluated with their memory wiped at every segment start::
+
+    NLL(row) - NLL(none) = [NLL(row, memory wiped) - NLL(none)]  -  [NLL(row, memory wiped) - NLL(row)]
+                           what training with memory did to the     what the memory gives at
+                           weights (judged without memory)          inference
+
+so a memory schedule that loses to ``none`` is seen to lose either because its memory gives
+nothing or because its weights got worse than ``none``'s at what both can do.
 """
 from __future__ import annotations
 
@@ -22,7 +30,10 @@ from .checkpoint import atomic_write_text
 CSV_COLUMNS = ("schedule", "seed", "horizons", "n_kv_heads", "kv_slots", "kv_mib", "val_ppl", "val_nll",
                "val_nll_per_note", "krcu_reset_at", "krcu_auc", "krcu_mean", "krcu_pieces", "krcu_long_reset_at",
                "krcu_long_auc", "krcu_long_mean", "krcu_long_pieces", "tokens_per_s", "peak_mib", "train_tokens",
-               "steps", "best_step")
+               "steps", "best_step", "val_nll_nomem", "nll_offset_0-15", "nll_offset_0-15_nomem",
+               "nll_offset_64+", "nll_offset_64+_nomem")
+OFFSET_COLUMNS = {"nll_offset_0-15": ("offsets", "0-15"), "nll_offset_0-15_nomem": ("offsets_nomem", "0-15"),
+                  "nll_offset_64+": ("offsets", "64+"), "nll_offset_64+_nomem": ("offsets_nomem", "64+")}
 KRCU_FLOOR = 0.01  # nats/token: a mean increase below this is "no measurable use" of the wiped context
 KRCU_PREFIXES = ("krcu", "krcu_long")
 
@@ -38,9 +49,10 @@ def csv_text(rows: Sequence[dict]) -> str:
     w.writerow(CSV_COLUMNS)
     fmts = {"kv_mib": ".4f", "val_ppl": ".4f", "val_nll": ".5f", "val_nll_per_note": ".5f", "krcu_auc": ".4f",
             "krcu_mean": ".6f", "krcu_long_auc": ".4f", "krcu_long_mean": ".6f", "tokens_per_s": ".1f",
-            "peak_mib": ".1f"}
+            "peak_mib": ".1f", "val_nll_nomem": ".5f", **{c: ".5f" for c in OFFSET_COLUMNS}}
     for r in rows:
         vals = {**r, "horizons": r.get("horizons_text", r.get("horizons"))}
+        vals.update({c: (r.get(key) or {}).get(lab) for c, (key, lab) in OFFSET_COLUMNS.items()})
         w.writerow([_num(vals.get(c), fmts[c]) if c in fmts else ("" if vals.get(c) is None else vals[c])
                     for c in CSV_COLUMNS])
     return buf.getvalue()
@@ -218,6 +230,91 @@ def _krcu(groups, prefix: str = "krcu") -> Optional[str]:
     return text
 
 
+def _seed_mean_label(rs: Sequence[dict], key: str, label: str) -> Optional[float]:
+    vals = [(r.get(key) or {}).get(label) for r in rs]
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _memory_use(groups) -> Optional[str]:
+    """What each memory schedule's memory gives at inference: NLL with it wiped minus NLL with it."""
+    parts = []
+    for k, rs in groups.items():
+        if k == "none" or _mean(rs, "val_nll_nomem") is None or _mean(rs, "val_nll") is None:
+            continue
+        gain = _mean(rs, "val_nll_nomem") - _mean(rs, "val_nll")
+        at = []
+        for lab in ("0-15", "64+"):
+            on, off = _seed_mean_label(rs, "offsets", lab), _seed_mean_label(rs, "offsets_nomem", lab)
+            if on is not None and off is not None:
+                at.append(f"{off - on:+.4f} at segment offsets {lab}")
+        parts.append(f"{k} {gain:+.4f}" + (f" ({', '.join(at)})" if at else ""))
+    if not parts:
+        return None
+    return ("What the memory gives at inference (NLL per token with every layer's memory wiped at each segment "
+            "start minus NLL with it, same weights, seed means; > 0: the memory helps): " + "; ".join(parts) + ".")
+
+
+def _decompose(groups) -> List[str]:
+    """Each memory schedule's NLL distance to ``none``, split into weights and memory (module docstring)."""
+    if "none" not in groups or _mean(groups["none"], "val_nll") is None:
+        return []
+    n0 = _mean(groups["none"], "val_nll")
+    noise = max((_spread(rs, "val_nll") for rs in groups.values() if len(rs) > 1), default=None)
+    parts, worse_weights, useless = [], [], []
+    for k, rs in groups.items():
+        nll, off = _mean(rs, "val_nll"), _mean(rs, "val_nll_nomem")
+        if k == "none" or nll is None or off is None:
+            continue
+        weights, gain = off - n0, off - nll
+        parts.append(f"{k} {nll - n0:+.4f} = {weights:+.4f} (weights) - ({gain:+.4f}) (memory)")
+        if noise is not None and weights > noise:
+            worse_weights.append(k)
+        if noise is not None and gain <= noise:
+            useless.append(k)
+    if not parts:
+        return []
+    bar = f"; the seeds' NLL spread (noise) is {noise:.4f}" if noise is not None else ""
+    out = ["Each schedule's NLL per token minus none's, split as (its weights with the memory wiped, minus "
+           "none's) - (what its memory gives): " + "; ".join(parts) + bar + "."]
+    if worse_weights:
+        out.append("Training with memory left worse weights: without its memory, " + _names(worse_weights)
+                   + (" is" if len(worse_weights) == 1 else " are") + " worse than the no-memory control by more "
+                   "than the noise, at what both models see (the current segment).")
+    if useless:
+        out.append("Memory that gives nothing at inference (within the noise): " + _names(useless) + ".")
+    return out
+
+
+def _curve_gap(groups) -> Optional[str]:
+    """How each memory schedule's distance to ``none`` in validation perplexity moved during training."""
+    def curve(rs):
+        at: Dict[int, list] = {}
+        for r in rs:
+            for step, slots, p in r.get("val_curve") or []:
+                at.setdefault(int(step), [int(slots), []])[1].append(float(p))
+        # Only evaluations every seed reached (a row still training has fewer).
+        return {s: (v[0], float(np.mean(v[1]))) for s, v in at.items() if len(v[1]) == len(rs)}
+
+    if "none" not in groups:
+        return None
+    base = curve(groups["none"])
+    parts = []
+    for k, rs in groups.items():
+        if k == "none":
+            continue
+        c = curve(rs)
+        steps = sorted(s for s in c if s in base and s > 0)
+        if len(steps) < 2:
+            continue
+        picks = [steps[0], steps[len(steps) // 2], steps[-1]] if len(steps) > 2 else steps
+        parts.append(f"{k} " + ", ".join(f"{c[s][1] - base[s][1]:+.3f} at {c[s][0] / 1e6:.2f}M" for s in picks))
+    if not parts:
+        return None
+    return ("Learning curves, validation perplexity minus none's at the same training tokens (seed means): "
+            + "; ".join(parts) + ".")
+
+
 def finding(rows: Sequence[dict]) -> List[str]:
     """Sentences that state what the rows' numbers say (see the module docstring).
 
@@ -240,6 +337,7 @@ def finding(rows: Sequence[dict]) -> List[str]:
                  _by_position(groups, "two_scale", "full"), _by_position(groups, "two_scale", "none"),
                  _by_position(groups, "full", "none")]
     sentences += [_krcu(groups, p) for p in KRCU_PREFIXES]
+    sentences += [_memory_use(groups)] + _decompose(groups) + [_curve_gap(groups)]
     return out + [s for s in sentences if s]
 
 
@@ -285,6 +383,26 @@ def _bucket_tables(rows: Sequence[dict], meta: Optional[dict] = None) -> List[st
         if any(r.get(f"{prefix}_buckets") for r in rows):
             lines += ["", f"{lab}: mean NLL increase (nats/token) by distance after the wipe at R:", ""]
             lines += _by_label_table(rows, f"{prefix}_buckets", "+.4f")
+    return lines
+
+
+def _memory_table(rows: Sequence[dict]) -> List[str]:
+    """NLL per token with the memory as trained and wiped at every segment start, overall and by segment offset."""
+    if not any(r.get("val_nll_nomem") is not None for r in rows):
+        return []
+    labels = list(dict.fromkeys(k for r in rows for k in (r.get("offsets") or {})))
+    lines = ["", "Memory at inference: validation NLL per token with the memory as trained (on) and with every "
+             "layer's memory wiped at each segment start (off; same weights), overall and by the target's offset "
+             "in its segment (offset j sees j + 1 tokens of its own segment; older context only through memory):",
+             "", "| schedule | seed | on | off | off - on | " + " | ".join(f"{k} on | {k} off" for k in labels) + " |",
+             "|" + "|".join(["---"] * (5 + 2 * len(labels))) + "|"]
+    for r in rows:
+        on, off = r.get("val_nll"), r.get("val_nll_nomem")
+        d = None if on is None or off is None else off - on
+        cells = " | ".join(f"{_num((r.get('offsets') or {}).get(k), '.4f')} | "
+                           f"{_num((r.get('offsets_nomem') or {}).get(k), '.4f')}" for k in labels)
+        lines.append(f"| {r['schedule']} | {r['seed']} | {_num(on, '.4f')} | {_num(off, '.4f')} | {_num(d, '+.4f')} | "
+                     + cells + " |")
     return lines
 
 
@@ -351,6 +469,7 @@ def markdown(rows: Sequence[dict], meta: dict) -> str:
     lines += [f"- {s}" for s in finding(rows)]
     lines += ["", "## Results", ""] + _table(rows, meta)
     lines += ["", "Validation NLL per token by position in the piece:", ""] + _bucket_tables(rows, meta)
+    lines += _memory_table(rows)
     lines += _curve_table(rows)
     lines += ["", "## Configuration", ""] + _config_lines(meta, rows) + ["", "![study](study.png)", ""]
     return "\n".join(lines)

@@ -106,7 +106,8 @@ def load_data(args, tokenizer_config=None):
         warnings.simplefilter("always")
         try:
             cache = prepare_cache(args.source or "demo", cache_dir=args.cache_dir, tokenizer_config=tokenizer_config,
-                                  workers=getattr(args, "workers", 2), progress=True,
+                                  workers=getattr(args, "workers", 2),
+                                  progress=not getattr(args, "no_progress", False),
                                   drop_demo_overlap=getattr(args, "drop_demo_overlap", False))
         except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
             die(str(e))

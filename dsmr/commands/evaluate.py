@@ -1,4 +1,5 @@
-"""``dsmr eval``: perplexity of a checkpoint over a split, NLL per note, and NLL by position in the piece."""
+"""``dsmr eval``: perplexity of a checkpoint over a split, NLL per note, NLL by position in the piece and by
+offset in the segment; ``--schedule`` evaluates the same weights with other memory horizons."""
 from __future__ import annotations
 
 from .common import add_checkpoint_args, add_source_args, add_threads_arg, load_checkpoint, load_data, print_table, \
@@ -14,6 +15,10 @@ def register(sub) -> None:
     p.add_argument("--batch-lanes", type=int, default=8)
     p.add_argument("--max-pieces", type=int, default=None)
     p.add_argument("--autocast", action="store_true")
+    p.add_argument("--schedule", metavar="SPEC",
+                   help="evaluate the same weights with these memory horizons instead of the trained ones: "
+                        "'none' wipes every layer's memory at each segment start (what does memory give?), "
+                        "'full', 'uniform:m=512', '1024,128,128,128', ... (dsmr schedules)")
     p.add_argument("--json", help="also write the result here")
     p.set_defaults(func=run)
 
@@ -22,6 +27,16 @@ def run(args) -> int:
     from ..evaluate import evaluate
 
     model, info = load_checkpoint(args)
+    if args.schedule:
+        from .. import schedules
+        from .common import die
+
+        try:
+            horizons = schedules.parse(args.schedule, model.config.n_layers)
+        except ValueError as e:
+            die(f"--schedule: {e}")
+        print(f"memory: {schedules.describe(horizons)} (trained with {schedules.describe(model.config.layer_horizons)})")
+        model = model.with_horizons(horizons)
     cache = load_data(args, info.get("tokenizer_config"))
     pieces, _ = split_pieces(args, cache)
     res = evaluate(model, pieces, pad_id=cache.pad_id, bos_id=cache.bos_id, eos_id=cache.eos_id,
@@ -35,5 +50,8 @@ def run(args) -> int:
     rows = [[label, f"{b['tokens']:,}", f"{b['nll']:.4f}" if b["tokens"] else "-",
              f"{b['ppl']:.3f}" if b["tokens"] else "-"] for label, b in res["buckets"].items()]
     print_table(["position", "tokens", "NLL", "ppl"], rows)
+    rows = [[label, f"{b['tokens']:,}", f"{b['nll']:.4f}" if b["tokens"] else "-"]
+            for label, b in res["offsets"].items()]
+    print_table(["segment offset", "tokens", "NLL"], rows)
     write_json(args.json, res)
     return 0

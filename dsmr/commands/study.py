@@ -33,6 +33,9 @@ def register(sub) -> None:
                    help="only these family rows (of full, none, two_scale, reverse_two_scale, uniform, "
                         "progressive_asc, progressive_desc, selective, perceiver_ar_like, fhcr); --schedule rows "
                         "are always added")
+    p.add_argument("--rows", default=None, metavar="NAME[,NAME...]",
+                   help="only the rows of these names, families and --schedule/--long rows alike "
+                        "(--long --rows none,two_scale leaves out reach8k)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model preset (default tiny)")
     p.add_argument("--config", help="JSON or TOML file whose [model] table overrides the preset (its schedule is "
                                     "the two-scale reference)")
@@ -75,6 +78,8 @@ def _run(args) -> int:
             over["krcu_long_reset_at"] = None if text == "none" else int(text)
         if args.families:
             over["families"] = tuple(f.strip() for f in args.families.split(",") if f.strip())
+        if args.rows is not None:
+            over["rows"] = tuple(f.strip() for f in args.rows.split(",") if f.strip())
         if args.config:
             model = dict(read_config_file(args.config).get("model", {}))
             if "schedule" in model:

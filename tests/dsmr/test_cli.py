@@ -174,6 +174,30 @@ def test_eval_prints_perplexity_and_buckets(workspace, trained, capsys, tmp_path
     assert res["notes"] == notes and f"NLL per note {total / notes:.4f}" in out
 
 
+def test_eval_with_other_horizons_wipes_memory_at_every_segment(workspace, trained, capsys, tmp_path):
+    root, midis = workspace
+    js = tmp_path / "none.json"
+    code, out, _ = _run(["eval", "--checkpoint", str(trained / "best.pt"), "--source", str(midis),
+                         "--cache-dir", str(root / "cache"), "--split", "test", "--schedule", "none",
+                         "--json", str(js)], capsys)
+    assert code == 0 and "memory: [0x2] (trained with [48, 8])" in out and "segment offset" in out
+    res = json.loads(js.read_text())
+    assert sum(b["tokens"] for b in res["offsets"].values()) == res["tokens"]
+    # By brute force: every segment starts from an empty state.
+    model, _, cache = _checkpoint_and_cache(workspace, trained / "best.pt")
+    S, total, n = model.config.segment_len, 0.0, 0
+    for piece in cache.pieces("test"):
+        L = len(piece) + 1
+        nll = torch.cat([_piece_nll(model, piece, cache.bos_id, cache.eos_id, start=s0)[:S] for s0 in range(0, L, S)])
+        total, n = total + float(nll.sum()), n + len(nll)
+    assert res["tokens"] == n and res["ppl"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--checkpoint", str(trained / "best.pt"), "--source", str(midis),
+              "--cache-dir", str(root / "cache"), "--schedule", "1,2,3"])
+    assert e.value.code == 2 and "--schedule: schedule has 3 horizons but the model has 2 layers" in \
+        capsys.readouterr().err
+
+
 def test_diagnose_writes_plot(workspace, trained, capsys, tmp_path):
     root, midis = workspace
     png = tmp_path / "kv.png"

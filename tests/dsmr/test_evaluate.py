@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dsmr import DSMRConfig, DSMRModel
 from dsmr.diagnostics import DISTANCE_LABELS, kv_reset_diagnostic
-from dsmr.evaluate import BUCKET_LABELS, evaluate
+from dsmr.evaluate import BUCKET_LABELS, OFFSET_LABELS, evaluate
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -55,6 +55,34 @@ def test_position_buckets_sum_and_positions():
     assert b["4k-8k"]["tokens"] == 5001 - 4096
     assert b["8k-16k"]["tokens"] == 0 and b["8k-16k"]["nll"] is None
     assert res["nll"] == pytest.approx(res["nll_sum"] / res["tokens"])
+
+
+def test_segment_offset_buckets_count_columns_and_sum_to_the_totals():
+    cfg = DSMRConfig(vocab_size=11, n_layers=1, d_model=16, n_heads=2, segment_len=80, horizons=[40])
+    model = DSMRModel(cfg).double().eval()
+    rng = np.random.default_rng(2)
+    lens = (200, 10)  # 201 targets: segments of 80, 80, 41; 11 targets: one segment
+    pieces = [rng.integers(3, 11, size=n) for n in lens]
+    res = evaluate(model, pieces, pad_id=PAD, bos_id=BOS, eos_id=EOS, batch_lanes=2)
+    o = res["offsets"]
+    assert list(o) == list(OFFSET_LABELS)
+    assert o["0-15"]["tokens"] == 16 + 16 + 16 + 11
+    assert o["16-63"]["tokens"] == 48 + 48 + (41 - 16)
+    assert o["64+"]["tokens"] == 16 + 16
+    assert sum(v["tokens"] for v in o.values()) == res["tokens"]
+    assert sum(v["nll_sum"] for v in o.values()) == pytest.approx(res["nll_sum"], rel=1e-12)
+    # The first 16 columns of a segment: by hand, from one forward per segment with the carried state.
+    ref, state = 0.0, model.init_state(1)
+    seq = torch.tensor(np.concatenate([[BOS], pieces[0], [EOS]]), dtype=torch.long)
+    with torch.no_grad():
+        for s0 in range(0, len(seq) - 1, 80):
+            x, y = seq[s0:s0 + 80][:len(seq) - 1 - s0], seq[s0 + 1:s0 + 81]
+            logits, state = model(x[None], state)
+            ref += F.cross_entropy(logits[0, :16], y[:16], reduction="sum").item()
+        logits, _ = model(torch.tensor(np.concatenate([[BOS], pieces[1]]))[None])
+        ref += F.cross_entropy(logits[0, :11], torch.tensor(np.concatenate([pieces[1], [EOS]])),
+                               reduction="sum").item()
+    assert o["0-15"]["nll_sum"] == pytest.approx(ref, rel=1e-10)
 
 
 def test_evaluate_bad_input():

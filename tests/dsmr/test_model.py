@@ -95,6 +95,33 @@ def test_tied_embeddings():
     assert m2.lm_head.weight is not m2.embed.weight
 
 
+def test_with_horizons_keeps_the_weights_and_changes_only_the_memory():
+    cfg = DSMRConfig(vocab_size=30, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, segment_len=16,
+                     horizons=[24, 8])
+    model = DSMRModel(cfg).double().train()
+    tok = torch.randint(0, 30, (2, 48))
+    wiped = model.with_horizons([0, 0])
+    assert wiped.config.horizons == [0, 0] and model.config.horizons == [24, 8]
+    assert wiped.training and wiped.lm_head.weight is wiped.embed.weight
+    assert next(wiped.parameters()).dtype == torch.float64
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(model.parameters(), wiped.parameters()))
+    model.eval(), wiped.eval()
+    fresh = DSMRModel(DSMRConfig.from_dict({**cfg.to_dict(), "horizons": [0, 0]})).double().eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a, _ = _stream(model, tok, 16)
+        b, _ = _stream(wiped, tok, 16)
+        c, _ = _stream(fresh, tok, 16)
+        # The first segment has no memory either way; later ones differ only through it.
+        assert torch.equal(a[:, :16], b[:, :16]) and not torch.allclose(a[:, 16:], b[:, 16:])
+        assert torch.equal(b, c)
+        full, _ = _stream(model.with_horizons(None), tok, 16)
+        one, _ = model.with_horizons(None)(tok[:, :16])
+    assert torch.allclose(full[:, :16], one, atol=1e-12)
+    with pytest.raises(ValueError, match="schedule has 3 horizons but the model has 2 layers"):
+        model.with_horizons([0, 0, 0])
+
+
 @pytest.mark.parametrize(
     "kw,match",
     [

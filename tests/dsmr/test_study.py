@@ -1,6 +1,7 @@
 """The schedule study end to end on a tiny generated corpus, its resume, its CSV, and its finding text."""
 import csv
 import json
+import math
 
 import pytest
 
@@ -75,6 +76,23 @@ def test_study_resumes_without_retraining_finished_rows(cache, tmp_path):
     assert sum(ln.startswith("full-s0: training") for ln in log) == 1
     assert sum(ln.startswith("two_scale-s0: training") for ln in log) == 1
     assert len(res["rows"]) == len(FAMILY_ROWS) + 3
+    # A row measured by an older dsmr (no segment-offset or memory-wiped columns) is measured again,
+    # not retrained.
+    two = out / "rows" / "two_scale-s0"
+    old = json.loads((two / "result.json").read_text())
+    for k in ("measures", "offsets", "offsets_nomem", "val_nll_nomem", "buckets_nomem"):
+        old.pop(k)
+    (two / "result.json").write_text(json.dumps(old))
+    ckpt_stamp = (two / "best.pt").stat().st_mtime_ns
+    res = run_study(out, _tiny(), data=cache, progress=False)
+    log = [ln.split(" ", 1)[1] for ln in (out / "study.log").read_text().splitlines()]
+    assert log.count("two_scale-s0: measuring again (results from an older dsmr lack some columns; "
+                     "training reused)") == 1
+    assert sum(ln.startswith("two_scale-s0: training") for ln in log) == 1
+    assert (two / "best.pt").stat().st_mtime_ns == ckpt_stamp
+    again = next(r for r in res["rows"] if r["schedule"] == "two_scale" and r["seed"] == 0)
+    assert again["measures"] >= 2 and again["val_nll_nomem"] is not None and "0-15" in again["offsets_nomem"]
+    assert again["val_nll"] == pytest.approx(old["val_nll"], rel=1e-9)
     # Another configuration must not silently reuse these rows.
     with pytest.raises(ValueError, match="different configuration"):
         run_study(out, _tiny(train_tokens=256), data=cache, progress=False)
@@ -107,10 +125,17 @@ def test_cli_study_quick_end_to_end(cache, tmp_path, capsys):
         assert float(r["tokens_per_s"]) > 0 and r["peak_mib"] != ""
         assert r["krcu_reset_at"] == "32" and r["krcu_long_reset_at"] == "64" and r["krcu_long_auc"] != ""
         assert int(r["krcu_long_pieces"]) >= 1 and int(r["krcu_pieces"]) >= int(r["krcu_long_pieces"])
-    # No memory: wiping it changes nothing, so both KRCU areas are exactly 0.
+    # No memory: wiping it changes nothing, so both KRCU areas are exactly 0, and so is the change
+    # from wiping it at every segment.
     for r in rows:
         if r["schedule"] == "none":
             assert float(r["krcu_auc"]) == 0.0 and float(r["krcu_long_auc"]) == 0.0 and float(r["kv_mib"]) == 0.0
+            assert r["val_nll_nomem"] == r["val_nll"] and r["nll_offset_0-15_nomem"] == r["nll_offset_0-15"]
+        else:
+            assert float(r["val_nll_nomem"]) > 0 and float(r["nll_offset_64+"]) > 0
+    # two_scale's later segments attend to its memory, so wiping it changes the NLL.
+    two = json.loads((out / "rows" / "two_scale-s0" / "result.json").read_text())
+    assert two["val_nll_nomem"] != two["val_nll"]
     kv = {r["schedule"]: float(r["kv_mib"]) for r in rows}
     assert kv["fhcr"] == pytest.approx(kv["full"] / 2) and kv["two_scale"] < kv["full"]
     assert kv["uniform"] <= kv["two_scale"]
@@ -120,6 +145,8 @@ def test_cli_study_quick_end_to_end(cache, tmp_path, capsys):
     assert "| fhcr |" in md and "load average" in md and (out / "study.png").stat().st_size > 1000
     assert "KRCU@32 mean" in md and "KRCU@64 mean" in md and "Learning curves" in md
     assert "Against no memory (none, perplexity" in md
+    assert "Memory at inference" in md and "| 0-15 on | 0-15 off |" in md
+    assert "What the memory gives at inference" in md and "(weights) - (" in md
     res = json.loads((out / "rows" / "two_scale-s0" / "result.json").read_text())
     # A window left out is R itself: distances 0..R-1 after the wipe.
     assert res["krcu_pieces"] >= 1 and len(res["krcu_curve"]) == 32 and res["val_notes"] > 0
@@ -199,6 +226,40 @@ def test_finding_states_every_comparison_against_no_memory():
         "Memory does not pay at this scale: no schedule with memory beats the no-memory control")
 
 
+def test_finding_splits_the_distance_to_none_into_weights_and_memory():
+    def row(name, seed, nll, off, on0, off0):
+        return {"schedule": name, "seed": seed, "val_ppl": math.exp(nll), "kv_mib": 0.0 if name == "none" else 1.4,
+                "val_nll": nll, "val_nll_nomem": off, "offsets": {"0-15": on0, "64+": nll},
+                "offsets_nomem": {"0-15": off0, "64+": off}}
+
+    rows = [row("none", 0, 3.00, 3.00, 3.5, 3.5), row("none", 1, 3.02, 3.02, 3.5, 3.5),
+            row("two_scale", 0, 3.10, 3.20, 3.3, 3.9), row("two_scale", 1, 3.12, 3.22, 3.3, 3.9),
+            row("uniform", 0, 3.02, 3.025, 3.5, 3.5)]
+    text = finding(rows)
+    use = next(s for s in text if s.startswith("What the memory gives at inference"))
+    assert "two_scale +0.1000 (+0.6000 at segment offsets 0-15, +0.1000 at segment offsets 64+)" in use
+    assert "none" not in use.split(":", 1)[1].split("(")[0] and "uniform +0.0050" in use
+    split = next(s for s in text if s.startswith("Each schedule's NLL per token minus none's"))
+    # 3.11 - 3.01 = (3.21 - 3.01) - (3.21 - 3.11)
+    assert "two_scale +0.1000 = +0.2000 (weights) - (+0.1000) (memory)" in split
+    assert "the seeds' NLL spread (noise) is 0.0200" in split
+    worse = next(s for s in text if s.startswith("Training with memory left worse weights"))
+    assert "without its memory, two_scale is worse than the no-memory control" in worse
+    assert next(s for s in text if s.startswith("Memory that gives nothing")) == \
+        "Memory that gives nothing at inference (within the noise): uniform."
+    # The learning curves' distance to none, at the first, middle and last shared evaluation.
+    for r in rows:
+        gap = {"none": 0.0, "two_scale": 1.0, "uniform": 0.5}[r["schedule"]]
+        r["val_curve"] = [[s, s * 10 ** 6, 20.0 - s + gap * (4 - s) / 4] for s in range(5)]
+    curves = next(s for s in finding(rows) if s.startswith("Learning curves"))
+    assert "two_scale +0.750 at 1.00M, +0.250 at 3.00M, +0.000 at 4.00M; uniform +0.375 at 1.00M" in curves
+    rows[2]["val_curve"] = rows[2]["val_curve"][:3]  # a seed that stopped early: shared evaluations only
+    assert "two_scale +0.750 at 1.00M, +0.500 at 2.00M;" in next(
+        s for s in finding(rows) if s.startswith("Learning curves"))
+    # Rows from before these columns: no such sentences, no error.
+    assert not any("(weights)" in s for s in finding([_row("none", 10.0, 0.0), _row("two_scale", 9.0, 1.4)]))
+
+
 def test_long_study_plan_without_training(capsys):
     from dsmr.cli import main
 
@@ -214,6 +275,15 @@ def test_long_study_plan_without_training(capsys):
     assert main(["study", "--long", "--plan", "--schedule", "full"]) == 0
     out = capsys.readouterr().out
     assert "8,000 steps of 4 lanes" in out and "reach8k-s0" in out and "full-s0" in out and "6 rows" in out
+    # --rows keeps rows by name, --long's own reach8k included.
+    assert main(["study", "--long", "--plan", "--rows", "none,two_scale"]) == 0
+    out = capsys.readouterr().out
+    assert "4 rows" in out and "reach8k" not in out and "none-s1" in out and "two_scale-s1" in out
+    assert [r["key"] for r in study_plan(StudyConfig.long(rows=["reach8k"]))["rows"]] == ["reach8k-s0"]
+    with pytest.raises(SystemExit) as e:
+        main(["study", "--long", "--plan", "--rows", "none,nope"])
+    assert e.value.code == 2 and "no row named nope; this study's rows are none, two_scale, reach8k" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # no training without a long-piece corpus
         main(["study", "--long", "--out", "unused"])
     assert e.value.code == 2 and "ASAP" in capsys.readouterr().err
