@@ -63,8 +63,8 @@ AT_BUDGET = ("reverse_two_scale", "uniform", "progressive_asc", "progressive_des
              "perceiver_ar_like")
 FAMILY_ROWS = ("full", "none", "two_scale") + AT_BUDGET + ("fhcr",)
 # Version of the measurements in result.json; a row measured by an older dsmr is measured again
-# (its training is reused). 2: NLL by segment offset and with memory wiped.
-MEASURES = 2
+# (its training is reused). 2: NLL by segment offset and with memory wiped; 3: tokens per segment offset.
+MEASURES = 3
 # StudyConfig fields added after studies were run, with the value an older meta.json stands for.
 _ADDED_FIELDS = {"rows": None}
 
@@ -444,6 +444,7 @@ def _measure_row(row: Row, model_cfg: DSMRConfig, cfg: StudyConfig, corpus: dict
         "val_pieces": ev["pieces"],
         "buckets": {k: b["nll"] for k, b in ev["buckets"].items() if b["tokens"]},
         "offsets": {k: b["nll"] for k, b in ev["offsets"].items() if b["tokens"]},
+        "offset_tokens": {k: b["tokens"] for k, b in ev["offsets"].items() if b["tokens"]},
         "kv_slots": kv["slots"], "kv_mib": kv["bytes"] / 2 ** 20,
     }
     # The same weights with every layer's memory wiped at each segment start: what the memory gives

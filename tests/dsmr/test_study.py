@@ -132,10 +132,14 @@ def test_cli_study_quick_end_to_end(cache, tmp_path, capsys):
             assert float(r["krcu_auc"]) == 0.0 and float(r["krcu_long_auc"]) == 0.0 and float(r["kv_mib"]) == 0.0
             assert r["val_nll_nomem"] == r["val_nll"] and r["nll_offset_0-15_nomem"] == r["nll_offset_0-15"]
         else:
-            assert float(r["val_nll_nomem"]) > 0 and float(r["nll_offset_64+"]) > 0
+            assert float(r["val_nll_nomem"]) > 0 and float(r["nll_offset_0-15_nomem"]) > 0
+        # Segments of 32 tokens have no offset 64 or later: the column is empty, not a made-up number.
+        assert r["nll_offset_64+"] == "" and r["nll_offset_64+_nomem"] == ""
     # two_scale's later segments attend to its memory, so wiping it changes the NLL.
     two = json.loads((out / "rows" / "two_scale-s0" / "result.json").read_text())
     assert two["val_nll_nomem"] != two["val_nll"]
+    # Tokens per segment offset: 0-15 and 16-31 of each 32-token segment, adding up to the validation tokens.
+    assert set(two["offset_tokens"]) == {"0-15", "16-63"} and sum(two["offset_tokens"].values()) == two["val_tokens"]
     kv = {r["schedule"]: float(r["kv_mib"]) for r in rows}
     assert kv["fhcr"] == pytest.approx(kv["full"] / 2) and kv["two_scale"] < kv["full"]
     assert kv["uniform"] <= kv["two_scale"]
@@ -245,6 +249,14 @@ def test_finding_splits_the_distance_to_none_into_weights_and_memory():
     assert "the seeds' NLL spread (noise) is 0.0200" in split
     worse = next(s for s in text if s.startswith("Training with memory left worse weights"))
     assert "without its memory, two_scale is worse than the no-memory control" in worse
+    # Far into a segment (64+): two_scale's weights without memory (3.21) against none's (3.01).
+    assert "its weights without memory against none's: two_scale +0.2000 nats/token" in worse
+    # By segment offset, with memory: two_scale 3.3 vs none 3.5 at 0-15, 3.11 vs 3.01 at 64+.
+    for r in rows:
+        r["offset_tokens"] = {"0-15": 16, "64+": 48}
+    offs = next(s for s in finding(rows) if s.startswith("By offset in the segment (memory on), two_scale's"))
+    assert "-0.2000 at 0-15 (25% of tokens), +0.1000 at 64+ (75% of tokens)" in offs
+    assert any(s.startswith("By offset in the segment (memory on), uniform's") for s in finding(rows))
     assert next(s for s in text if s.startswith("Memory that gives nothing")) == \
         "Memory that gives nothing at inference (within the noise): uniform."
     # The learning curves' distance to none, at the first, middle and last shared evaluation.
