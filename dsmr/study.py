@@ -161,10 +161,9 @@ class StudyConfig:
         full row would take ~4.5 h on these tokens, more than the whole study; ``--schedule full``
         adds it anyway.
 
-        Wall time on 2 idle cores, estimated from measured training throughput (two_scale 10,800
-        tokens/s in the default study; relative to it, measured side by side on ASAP: none 1.2-1.5x,
-        reach8k 0.55x): none 2 x 11 min, two_scale 2 x 13 min, reach8k 23 min of training, plus
-        about 2 min of validation and KRCU per row: about 80 minutes (under 2 h even 40% slower).
+        Measured wall time on 2 idle cores: 86 min on AMD EPYC Zen 4 (training none 12 min per
+        seed, two_scale 15-17 min, reach8k 26 min, then 2-3 min of validation and KRCU per row),
+        54 min on an Intel Xeon with AMX. Results: ``bench/results/study_long/``.
         """
         base = dict(families=("none", "two_scale"), noise_rows=("none", "two_scale"),
                     schedules=["reach8k=two_scale:long=8192,short=128,n_long=1"],

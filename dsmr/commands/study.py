@@ -2,7 +2,7 @@
 
     dsmr study --quick --out runs/study-quick        # every row, a short run (<= 10 min on 2 cores)
     dsmr study --out runs/study                      # the default study (demo corpus, tiny preset)
-    dsmr study --long --source ~/data/asap-dataset --out runs/study-long   # when does memory pay? (~80 min)
+    dsmr study --long --source ~/data/asap-dataset --out runs/study-long   # when does memory pay? (54-86 min)
     dsmr study --long --plan                         # the rows and token budget, without training
     dsmr study --schedule uniform:m=64 --schedule mine=512,128,0,0
 
@@ -27,7 +27,7 @@ def register(sub) -> None:
     size.add_argument("--long", action="store_true",
                       help="when does memory pay? none, two_scale (2 seeds each) and reach8k=[8192, 128x3], each "
                            "on 27x the default's tokens, learning curves, KRCU at 4096 and 8192; meant for an ASAP "
-                           "folder (--source), ~80 min on 2 idle cores")
+                           "folder (--source), 54-86 min on 2 idle cores")
     p.add_argument("--plan", action="store_true", help="print the rows and token budget, then exit (no training)")
     p.add_argument("--families", default=None, metavar="NAME[,NAME...]",
                    help="only these family rows (of full, none, two_scale, reverse_two_scale, uniform, "
