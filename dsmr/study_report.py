@@ -21,7 +21,7 @@ import csv
 import io
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -184,16 +184,20 @@ def _fhcr(groups, ppl, noise) -> Optional[str]:
     return text + "."
 
 
-def _by_position(groups, a: str = "two_scale", b: str = "full") -> Optional[str]:
-    """Where ``a``'s NLL per token differs from ``b``'s, by position bucket (seed means)."""
+def _by_label(groups, a: str, b: str, key: str) -> Optional[List[Tuple[str, float]]]:
+    """``[(label, a's seed-mean NLL minus b's)]`` over the labels of ``key`` every row of both has."""
     if a not in groups or b not in groups:
         return None
-    labels = [k for k in groups[b][0].get("buckets", {}) if all(k in r.get("buckets", {}) for r in groups[a] + groups[b])]
-    if not labels:
+    labels = [k for k in (groups[b][0].get(key) or {}) if all(k in (r.get(key) or {}) for r in groups[a] + groups[b])]
+    return [(k, _seed_mean_label(groups[a], key, k) - _seed_mean_label(groups[b], key, k)) for k in labels] or None
+
+
+def _by_position(groups, a: str = "two_scale", b: str = "full") -> Optional[str]:
+    """Where ``a``'s NLL per token differs from ``b``'s, by position bucket (seed means)."""
+    diffs = _by_label(groups, a, b, "buckets")
+    if not diffs:
         return None
-    diffs = [float(np.mean([r["buckets"][k] for r in groups[a]]) - np.mean([r["buckets"][k] for r in groups[b]]))
-             for k in labels]
-    parts = ", ".join(f"{d:+.4f} at {k}" for k, d in zip(labels, diffs))
+    parts = ", ".join(f"{d:+.4f} at {k}" for k, d in diffs)
     return f"By position in the piece, {a}'s NLL per token minus {b}'s is {parts} (nats/token, seed means)."
 
 
@@ -302,21 +306,14 @@ def _decompose(groups) -> List[str]:
 
 def _by_offset(groups, a: str, b: str = "none") -> Optional[str]:
     """``a``'s NLL per token minus ``b``'s by segment offset (memory on, seed means), with each offset's share of tokens."""
-    if a not in groups or b not in groups:
-        return None
-    labels = [k for k in (groups[b][0].get("offsets") or {})
-              if all(k in (r.get("offsets") or {}) for r in groups[a] + groups[b])]
-    if not labels:
+    diffs = _by_label(groups, a, b, "offsets")
+    if not diffs:
         return None
     counts = groups[b][0].get("offset_tokens") or {}
-    total = sum(counts.get(k, 0) for k in labels)
-    parts = []
-    for k in labels:
-        d = _seed_mean_label(groups[a], "offsets", k) - _seed_mean_label(groups[b], "offsets", k)
-        share = f" ({counts[k] / total:.0%} of tokens)" if total and k in counts else ""
-        parts.append(f"{d:+.4f} at {k}{share}")
-    return (f"By offset in the segment (memory on), {a}'s NLL per token minus {b}'s is " + ", ".join(parts)
-            + " (nats/token, seed means).")
+    total = sum(counts.get(k, 0) for k, _ in diffs)
+    parts = ", ".join(f"{d:+.4f} at {k}" + (f" ({counts[k] / total:.0%} of tokens)" if total and k in counts else "")
+                      for k, d in diffs)
+    return f"By offset in the segment (memory on), {a}'s NLL per token minus {b}'s is {parts} (nats/token, seed means)."
 
 
 def _curve_gap(groups) -> Optional[str]:
